@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the project is flat files at the top level, not a package
+
+# ../shared holds the real fixtures (tiny checkpoints, tokenizer, datasets); MOELORA_SHARED overrides where
+SHARED = Path(os.environ.get("MOELORA_SHARED", ROOT.parent / "shared"))
+
+
+def shared_path(relative: str) -> Path:
+    """A fixture under ../shared; skip the test (or fail, in CI) with the reason when it is absent."""
+    p = SHARED / relative
+    if not p.exists():
+        msg = f"fixture {p} not found: put the project's shared/ folder beside it or set MOELORA_SHARED"
+        if os.environ.get("MOELORA_REQUIRE_SHARED"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
