@@ -1,0 +1,359 @@
+"""
+Tests of data/: the task loaders on the real files in ../shared/data, the prompt and its loss mask with the
+real LLaMA-2 tokenizer, LLM-Adapters' grading on every gold answer, and the error messages for bad input.
+Nothing here touches the network: every test runs with the download function replaced by one that fails.
+"""
+import json
+import urllib.error
+from functools import lru_cache
+
+import pytest
+from conftest import shared_path
+
+from data import grading, tasks
+from data.grading import extract_answer, is_correct
+from data.prompts import IGNORE_INDEX, eval_prompt_tokens, format_prompt, tokenize_dataset, tokenize_example
+from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, MATH_TASKS, DataError, find_data_dir, load_split
+
+REAL_DOWNLOAD = tasks.download  # kept for the one test that downloads from a local file:// URL
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may reach the network: a download attempt fails as it would on an offline machine."""
+    def no_network(url, dest):
+        raise urllib.error.URLError("tests run offline")
+    monkeypatch.setattr(tasks, "download", no_network)
+
+
+@lru_cache(maxsize=None)
+def real_split(task, split):
+    """A split of the real data, loaded once per test session (the files are read-only fixtures)."""
+    return load_split(task, split, shared_path("data"))
+
+
+def llama_tokenizer():
+    from tokenizer import Tokenizer
+    return Tokenizer(shared_path("models/llama2-tokenizer/tokenizer.model"))
+
+
+# -----------------------------------------------------------------------------
+# task tables and the data directory
+
+def test_task_tables():
+    assert len(ALL_TASKS) == 14 and set(tasks.TASK_FOLDERS) == set(ALL_TASKS)
+    assert tasks.TASK_FOLDERS["siqa"] == "social_i_qa" and tasks.TASK_FOLDERS["arc_c"] == "ARC-Challenge"
+    assert set(grading.NUMBER_TASKS) | {"aqua"} == set(MATH_TASKS)
+    assert set(grading.ANSWER_PATTERNS) == set(COMMONSENSE_TASKS) | {"aqua"}
+
+
+def test_find_data_dir_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOELORA_DATA_DIR", str(tmp_path / "env"))
+    assert find_data_dir(tmp_path / "flag") == tmp_path / "flag"  # the flag wins
+    assert find_data_dir() == tmp_path / "env"
+    monkeypatch.delenv("MOELORA_DATA_DIR")
+    assert find_data_dir() == tasks.PROJECT_ROOT / "data" / "cache"
+
+
+def test_source_urls_are_the_official_ones():
+    assert tasks.source_url("gsm8k/test.jsonl") == \
+        "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"
+    assert tasks.source_url("llm-adapters/dataset/ARC-Easy/test.json") == \
+        "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/dataset/ARC-Easy/test.json"
+
+
+# -----------------------------------------------------------------------------
+# loaders on the real files
+
+COUNTS = [
+    ("gsm8k", "train", 7473), ("gsm8k", "test", 1319), ("addsub", "test", 395), ("aqua", "test", 254),
+    ("multiarith", "test", 600), ("singleeq", "test", 508), ("svamp", "test", 1000), ("mawps", "test", 238),
+    ("mawps", "train", 1898), ("boolq", "test", 3270), ("boolq", "train", 9427), ("piqa", "test", 1838),
+    ("siqa", "test", 1954), ("winogrande", "test", 1267), ("arc_e", "test", 2376), ("arc_e", "train", 2251),
+    ("arc_c", "test", 1172), ("arc_c", "train", 1119), ("obqa", "test", 500), ("obqa", "train", 4957),
+]
+
+
+@pytest.mark.parametrize("task,split,count", COUNTS)
+def test_split_counts(task, split, count):
+    examples = real_split(task, split)
+    assert len(examples) == count
+    for e in examples:
+        assert set(e) == {"instruction", "input", "output", "answer"}
+        assert all(isinstance(v, str) for v in e.values()) and e["instruction"] and e["answer"]
+
+
+def test_gsm8k_train_conversion():
+    examples = real_split("gsm8k", "train")
+    assert examples[0]["output"] == ("Natalia sold 48/2 = 24 clips in May.\n"
+                                     "Natalia sold 48+24 = 72 clips altogether in April and May.\n"
+                                     "The answer is 72.")
+    for e in examples:
+        assert "<<" not in e["output"] and ">>" not in e["output"] and "####" not in e["output"]
+        assert e["output"].endswith(f"The answer is {e['answer']}.")
+        assert "," not in e["answer"] and float(e["answer"]) == float(e["answer"])
+
+
+def test_gsm8k_test_answers_are_the_number_after_hashes():
+    raw = [json.loads(line) for line in open(shared_path("data/gsm8k/test.jsonl"))]
+    examples = real_split("gsm8k", "test")
+    for r, e in zip(raw, examples):
+        assert e["instruction"] == r["question"]
+        assert e["answer"] == r["answer"].split("####")[-1].strip().replace(",", "")
+
+
+def test_mawps_train_conversion():
+    examples = real_split("mawps", "train")
+    assert examples[0]["output"] == "((22.0-14.0)/4.0) = 2. The answer is 2." and examples[0]["answer"] == "2"
+    assert all(is_correct("mawps", e["output"], e["answer"]) for e in examples)
+
+
+def test_tasks_without_train_split_ask_for_train_file():
+    with pytest.raises(DataError, match="--train_file.*Math10K"):
+        load_split("svamp", "train", shared_path("data"))
+    with pytest.raises(DataError, match="--train_file.*Commonsense170K"):
+        load_split("piqa", "train", shared_path("data"))
+
+
+def test_train_file_replaces_the_train_split(tmp_path):
+    path = tmp_path / "math_10k.json"
+    path.write_text(json.dumps([
+        {"instruction": "1+1?", "input": "", "output": "1 + 1 = 2. The answer is 2.", "answer": "2.0"},
+        {"instruction": "Add.", "input": "3 and 4", "output": "The answer is 7."},  # no answer: allowed
+    ]))
+    examples = load_split("svamp", "train", tmp_path / "no-data-here", train_file=path)
+    assert examples[1] == {"instruction": "Add.", "input": "3 and 4", "output": "The answer is 7.", "answer": ""}
+    assert examples[0]["answer"] == "2.0"
+
+
+# -----------------------------------------------------------------------------
+# grading: every gold answer right, every wrong one wrong
+
+def grade(task, texts, golds):
+    return sum(is_correct(task, t, g) for t, g in zip(texts, golds)) / len(golds)
+
+
+def test_gsm8k_gold_grades_100_percent():
+    raw = [json.loads(line) for line in open(shared_path("data/gsm8k/test.jsonl"))]
+    examples = real_split("gsm8k", "test")
+    golds = [e["answer"] for e in examples]
+    assert grade("gsm8k", [r["answer"] for r in raw], golds) == 1.0  # official "... #### 1,080" strings
+    assert grade("gsm8k", [e["output"] for e in examples], golds) == 1.0  # converted "The answer is N."
+    wrong = [f"The answer is {float(g) + 1}." for g in golds]
+    assert grade("gsm8k", wrong, golds) == 0.0
+
+
+@pytest.mark.parametrize("task", [t for t in MATH_TASKS if t not in ("gsm8k", "aqua")])
+def test_math_gold_grades_100_percent(task):
+    golds = [e["answer"] for e in real_split(task, "test")]
+    assert grade(task, golds, golds) == 1.0
+    assert grade(task, [f"\nA: 3 + 4 = 7. The answer is {g}." for g in golds], golds) == 1.0
+    assert grade(task, [f"The answer is {float(g) + 1}." for g in golds], golds) == 0.0
+
+
+# The outputs in LLM-Adapters' math test files were written by a model and are NOT gold: graded against
+# the answer field they score these counts (a regression pin for the grader on real, messy text).
+@pytest.mark.parametrize("folder,task,n_right", [("AddSub", "addsub", 370), ("MultiArith", "multiarith", 560),
+                                                 ("SingleEq", "singleeq", 484), ("SVAMP", "svamp", 803)])
+def test_llm_adapters_outputs_are_not_gold(folder, task, n_right):
+    records = json.load(open(shared_path(f"data/llm-adapters/dataset/{folder}/test.json")))
+    assert sum(is_correct(task, r["output"], r["answer"]) for r in records) == n_right
+
+
+def test_aqua_gold_grades_100_percent():
+    golds = [e["answer"] for e in real_split("aqua", "test")]
+    assert set(golds) == set("ABCDE")
+    assert grade("aqua", golds, golds) == 1.0
+    assert grade("aqua", [f"The answer is ({g})." for g in golds], golds) == 1.0
+    other = {"A": "B", "B": "C", "C": "D", "D": "E", "E": "A"}
+    assert grade("aqua", [f"The answer is ({other[g]})." for g in golds], golds) == 0.0
+
+
+COMMONSENSE_WORDS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"],
+                     "winogrande": ["option1", "option2"]}
+
+
+@pytest.mark.parametrize("task", COMMONSENSE_TASKS)
+def test_commonsense_gold_grades_100_percent(task):
+    examples = real_split(task, "test")
+    golds = [e["answer"] for e in examples]
+    words = COMMONSENSE_WORDS.get(task, [f"answer{i}" for i in range(1, 6)])
+    assert set(golds) <= set(words)
+    assert grade(task, golds, golds) == 1.0
+    assert grade(task, [e["output"] for e in examples], golds) == 1.0  # "the correct answer is answer3"
+    others = [next(w for w in words if w != g) for g in golds]
+    assert grade(task, [f"the correct answer is {o}" for o in others], golds) == 0.0
+
+
+def test_grading_rules():
+    assert extract_answer("gsm8k", "3 + 4 = 7, so 1,000 - 7 = 993.") == "993"  # last number, commas gone
+    assert extract_answer("svamp", "it falls to -2.5 degrees") == "-2.5"
+    assert extract_answer("addsub", "no idea") is None and not is_correct("addsub", "no idea", "0")
+    assert is_correct("mawps", "The answer is 1.8333", "1.8333333333333335")  # within 0.001
+    assert not is_correct("mawps", "The answer is 1.83", "1.8333333333333335")
+    assert is_correct("gsm8k", "The answer is 1080.", "1,080")
+    assert is_correct("multiarith", "The answer is 15.", "15.0")
+    # first match, as LLM-Adapters: the first word given is the answer, capital letters inside words count
+    assert extract_answer("boolq", "false, not true") == "false"
+    assert extract_answer("boolq", "True") is None  # case-sensitive
+    assert extract_answer("arc_c", "answer2 (not answer4)") == "answer2"
+    assert extract_answer("aqua", "The answer is (D).") == "D"
+    assert extract_answer("aqua", "Each train ... The answer is (D).") == "E"  # the faithful quirk
+    assert extract_answer("winogrande", "I pick option2") == "option2"
+    with pytest.raises(ValueError, match="arc_e"):
+        extract_answer("hellaswag", "ending1")
+
+
+# -----------------------------------------------------------------------------
+# prompt and tokenisation, with the real LLaMA-2 tokenizer
+
+def test_prompt_templates():
+    assert format_prompt({"instruction": "Add 2 and 3.", "input": "", "output": "5"}) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
+    assert format_prompt({"instruction": "Add.", "input": "2 and 3", "output": "5"}) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n"
+        "### Input:\n2 and 3\n\n### Response:\n")
+
+
+def check_pair(tok, example, tokens, labels):
+    """labels are -100 exactly on the prompt and the next token everywhere else."""
+    n_prompt = len(eval_prompt_tokens(tok, example))
+    assert len(tokens) == len(labels)
+    assert tokens[:n_prompt] == eval_prompt_tokens(tok, example)  # generation starts from the same ids
+    assert tokens[0] == tok.bos_id
+    assert labels[:n_prompt - 1] == [IGNORE_INDEX] * (n_prompt - 1)
+    assert IGNORE_INDEX not in labels[n_prompt - 1:]
+    assert labels[:-1][n_prompt - 1:] == tokens[n_prompt:]  # labels[i] == tokens[i + 1]
+    return n_prompt
+
+
+def test_tokenize_masks_exactly_the_prompt():
+    tok = llama_tokenizer()
+    examples = (real_split("gsm8k", "train")[:40] + real_split("addsub", "test")[:40]
+                + real_split("boolq", "train")[:40] + real_split("aqua", "test")[:40])
+    examples.append({"instruction": "Add.", "input": "2 and 3", "output": "The answer is 5.", "answer": "5"})
+    for example in examples:
+        tokens, labels = tokenize_example(tok, example, max_seq_len=1024)
+        n_prompt = check_pair(tok, example, tokens, labels)
+        assert labels[-1] == tok.eos_id  # not truncated: the model learns to stop
+        assert tok.decode(labels[n_prompt - 1:-1]).strip() == example["output"].strip()
+
+
+def test_truncation_and_dropping():
+    tok = llama_tokenizer()
+    example = real_split("gsm8k", "train")[0]
+    n_prompt = len(eval_prompt_tokens(tok, example))
+    n_ids = len(tokenize_example(tok, example, 1024)[0]) + 1  # BOS + prompt + response + EOS
+
+    tokens, labels = tokenize_example(tok, example, n_ids - 1)  # fits exactly
+    assert len(tokens) == n_ids - 1 and labels[-1] == tok.eos_id
+
+    tokens, labels = tokenize_example(tok, example, n_prompt + 3)  # cut: 4 targets left, no EOS
+    check_pair(tok, example, tokens, labels)
+    assert len(tokens) == n_prompt + 3 and tok.eos_id not in labels
+    assert sum(label != IGNORE_INDEX for label in labels) == 4
+
+    tokens, labels = tokenize_example(tok, example, n_prompt)  # the first response token still fits
+    assert sum(label != IGNORE_INDEX for label in labels) == 1
+    assert tokenize_example(tok, example, n_prompt - 1) is None  # the prompt alone fills the window
+
+    short = {"instruction": "Hi", "input": "", "output": "Hello.", "answer": ""}
+    pairs, n_truncated, n_dropped = tokenize_dataset(tok, [example, short, example], n_prompt + 3)
+    assert (len(pairs), n_truncated, n_dropped) == (3, 2, 0)
+    pairs, n_truncated, n_dropped = tokenize_dataset(tok, [example, short, example], n_prompt - 1)
+    assert (len(pairs), n_truncated, n_dropped) == (1, 0, 2)
+    assert pairs[0][1][-1] == tok.eos_id
+
+
+# -----------------------------------------------------------------------------
+# bad input: every error names the file and the place
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = write(tmp_path / "gsm8k/test.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": oops}\n')
+    with pytest.raises(DataError, match=r"gsm8k/test\.jsonl: invalid JSON on line 2"):
+        load_split("gsm8k", "test", tmp_path)
+    assert path.exists()
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    write(tmp_path / "llm-adapters/dataset/AddSub/test.json", '[\n {"instruction": "q",\n  "answer": 4,,}\n]')
+    with pytest.raises(DataError, match=r"AddSub/test\.json: invalid JSON at line 3, column"):
+        load_split("addsub", "test", tmp_path)
+
+
+def test_missing_keys_name_file_and_record(tmp_path):
+    write(tmp_path / "llm-adapters/dataset/piqa/test.json",
+          json.dumps([{"instruction": "q", "answer": "solution1"}, {"instruction": "q"}]))
+    with pytest.raises(DataError, match=r"piqa/test\.json: record 1 lacks answer"):
+        load_split("piqa", "test", tmp_path)
+    write(tmp_path / "gsm8k/train.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl: record 1: the answer has no final '####"):
+        load_split("gsm8k", "train", tmp_path)
+    train_file = write(tmp_path / "math_10k.json", json.dumps([{"instruction": "q", "input": ""}]))
+    with pytest.raises(DataError, match=r"math_10k\.json: record 0 lacks output"):
+        load_split("svamp", "train", tmp_path, train_file=train_file)
+
+
+def test_empty_and_wrongly_shaped_datasets(tmp_path):
+    write(tmp_path / "llm-adapters/dataset/boolq/test.json", "[]")
+    with pytest.raises(DataError, match=r"boolq/test\.json: the dataset is empty"):
+        load_split("boolq", "test", tmp_path)
+    write(tmp_path / "gsm8k/test.jsonl", "\n\n")
+    with pytest.raises(DataError, match=r"gsm8k/test\.jsonl: the dataset is empty"):
+        load_split("gsm8k", "test", tmp_path)
+    write(tmp_path / "llm-adapters/dataset/openbookqa/test.json", '{"instruction": "q"}')
+    with pytest.raises(DataError, match="expected a JSON list of records, found a dict"):
+        load_split("obqa", "test", tmp_path)
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(DataError) as error:
+        load_split("hellaswag", "test")
+    assert all(task in str(error.value) for task in ALL_TASKS)
+    with pytest.raises(DataError, match="train, test"):
+        load_split("gsm8k", "validation")
+    with pytest.raises(DataError, match="not found"):
+        load_split("gsm8k", "train", train_file="/nonexistent/math_10k.json")
+
+
+def test_offline_without_a_copy_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_split("gsm8k", "test", tmp_path)
+    message = str(error.value)
+    assert str((tmp_path / "gsm8k" / "test.jsonl").resolve()) in message
+    assert tasks.GSM8K_URL + "test.jsonl" in message
+    assert "--data_dir" in message and "MOELORA_DATA_DIR" in message
+    with pytest.raises(DataError) as error:
+        load_split("arc_c", "test", tmp_path)
+    assert str((tmp_path / "llm-adapters/dataset/ARC-Challenge/test.json").resolve()) in str(error.value)
+
+
+def test_missing_file_is_downloaded_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, dest):
+        calls.append(url)
+        write(dest, json.dumps([{"instruction": "q", "input": "", "output": "", "answer": "answer2"}]))
+    monkeypatch.setattr(tasks, "download", fake_download)
+    assert load_split("siqa", "test", tmp_path)[0]["answer"] == "answer2"
+    assert load_split("siqa", "test", tmp_path)[0]["answer"] == "answer2"
+    assert calls == [tasks.LLM_ADAPTERS_URL + "dataset/social_i_qa/test.json"]
+
+
+def test_download_is_atomic(tmp_path):
+    # a file:// URL exercises the real download function without any network
+    source = write(tmp_path / "src/test.jsonl", '{"question": "q", "answer": "#### 3"}\n')
+    dest = tmp_path / "cache/gsm8k/test.jsonl"
+    REAL_DOWNLOAD(source.as_uri(), dest)
+    assert dest.read_text() == source.read_text()
+    with pytest.raises(OSError):
+        REAL_DOWNLOAD((tmp_path / "src/absent.jsonl").as_uri(), tmp_path / "cache/gsm8k/train.jsonl")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["test.jsonl"]  # no partial file left behind
