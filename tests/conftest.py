@@ -24,5 +24,11 @@ def shared_path(relative: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_one_thread():
+    # the tensors here are tiny: a second thread only adds synchronisation, which costs seconds per test
+    # when another process holds a core
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,380 @@
+"""
+MoELoRA: a mixture of LoRA experts behind a router, for any model built from nn.Linear layers.
+
+After Luo et al., "MoELoRA: Contrastive Learning Guided Mixture of Experts on Parameter-Efficient
+Fine-Tuning for Large Language Models" (arXiv 2402.12851). No official code is public: the layer follows
+the paper's description, the exact loss formulas are this project's documented reading (see below).
+This file needs only torch: copy it into another project and call inject_moelora on its model.
+
+                          x [.., d_in]
+           +----------------+----------------------------+
+           |                |                            |
+           |        router Wg [N, d_in]             dropout(x)
+           |      top-k of the N logits,                 |
+           |      softmax over those k            A_1 .. A_N   [r, d_in] each, Kaiming-uniform
+           |                |                            |     codes [.., N*r]
+           |       gates g [.., N]  ---------------->  x g_i    rank block i times its gate
+           |       (k non-zero, sum 1)                   |     (0 for the N-k experts not chosen)
+      W0 (frozen)                                 B_1 .. B_N   [d_out, r] each, zeros at start
+           |                                             |
+           |                                      x scaling = lora_alpha / r
+           +------------------- + -----------------------+
+                                |
+        y = W0 x + scaling * sum_{i in top-k} g_i(x) B_i A_i dropout(x)
+
+Public API
+    MoELoRAConfig                  num_experts, top_k, r, lora_alpha, lora_dropout, target_modules,
+                                   contrastive_weight, contrastive_temperature, contrastive_samples,
+                                   balance_weight
+    MoELoRALinear(base, config)    wraps one nn.Linear; .merge() / .unmerge() (only for 1 expert, top-1)
+    inject_moelora(model, config)  wraps every nn.Linear whose attribute name is in target_modules
+    mark_only_moelora_as_trainable(model)
+    moelora_state_dict(model)      adapter + router weights and a "moelora_config" dict (megabytes)
+    load_moelora_state_dict(model, state_dict)   strict: keys, shapes and config must match
+    moelora_aux_losses(model)      {"contrastive": tensor, "balance": tensor} of the last forward,
+                                   already weighted; add them to the language-model loss
+    moelora_routing_stats(model)   {layer name: {"expert_share": [N floats], "router_entropy": float}}
+    merge_moelora(model) / unmerge_moelora(model)
+    helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), balance_loss, contrastive_loss
+
+Typical use:
+    model = Transformer(args)                          # load the base checkpoint before or after:
+    inject_moelora(model, MoELoRAConfig())             # state-dict keys of the base do not change
+    mark_only_moelora_as_trainable(model)
+    logits, lm_loss = model(tokens, targets)
+    loss = lm_loss + sum(moelora_aux_losses(model).values())   # right after each forward
+    torch.save(moelora_state_dict(model), "adapter.pt")
+
+Choices made here (the paper does not pin them down):
+- gates: softmax over the k largest router logits. With top_k = 1 the gate is always 1, so the router
+  then learns only from the balance loss; one expert with top-1 is exactly plain LoRA.
+- contrastive loss (supervised-contrastive form): each expert index is a class. From the (token, selected
+  expert) pairs of a layer's batch, `contrastive_samples` are drawn; their features are the expert's own
+  output z = B_i A_i dropout(x_t), before gating. Positives of an anchor are the same expert's outputs on
+  other tokens, all other samples are in the denominator; anchors without a positive are skipped:
+      L_cl = - mean_a 1/|P(a)| sum_{p in P(a)} log( exp(cos(z_a,z_p)/tau) / sum_{n != a} exp(cos(z_a,z_n)/tau) )
+  The cosine floors |z| at COSINE_NORM_FLOOR: B starts at zero, and a plain cosine of tiny z has huge
+  gradients (the comment at COSINE_NORM_FLOOR tells the measurements).
+- balance loss (Switch Transformer): L_bal = N * sum_i f_i P_i, f_i = share of the (token, slot)
+  assignments that went to expert i, P_i = mean router probability of expert i. It is 1 when balanced.
+- both are multiplied by their weights and averaged over the adapted layers, so a weight means the same
+  whatever the number of layers. They are not computed at all in eval mode, with a weight of 0, or with
+  a single expert (where they are constants).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Floor on |z| inside the cosine of the contrastive loss: cos(z_a, z_p) = z_a.z_p / (max(|z_a|, f) max(|z_p|, f)).
+# B starts at zero, so early expert outputs z are tiny, and the gradient of a cosine grows like 1/|z|: on a
+# 64-wide layer (8 experts, rank 4, weight 0.1) the gradient norm into B is 5e3 at B ~ 1e-6 and 48 at 1e-4,
+# which swamps the language-model gradient (or, clipped, silences it). Below the floor the cosine becomes a
+# dot product / f^2, whose gradient shrinks with |z| instead: the loss fades in as the experts' outputs grow,
+# a warm-up keyed to the adapter itself. Peak gradient ~ 1/f (there: 1.2 at |z| ~ f, against 0.005 at B ~ 1).
+# Above the floor nothing changes; lower it (moelora.COSINE_NORM_FLOOR = ...) for models with tiny activations.
+# It bounds the gradient, it does not make it small: in model.py's LLaMA (dim 512, wq and wv) the contrastive
+# gradient into B still peaks at ~8x the language-model gradient, around B ~ 3e-3 (unfloored: 90x at B ~ 1e-4,
+# 9000x at 1e-6); a warm-up of contrastive_weight in the training loop is the complementary remedy.
+COSINE_NORM_FLOOR = 0.1
+
+
+@dataclass
+class MoELoRAConfig:
+    num_experts: int = 8  # paper (as reported): 8 experts
+    top_k: int = 2  # paper (as reported): top-2 routing
+    r: int = 4  # rank of each expert: 8 experts x rank 4 = the parameters of one rank-32 LoRA
+    lora_alpha: float = 8.0  # scaling = alpha / r = 2, the LLM-Adapters convention (alpha = 2r)
+    lora_dropout: float = 0.05  # LLM-Adapters default
+    target_modules: tuple = ("wq", "wv")  # attention query and value (HF names: "q_proj", "v_proj")
+    contrastive_weight: float = 0.1  # our choice; 0 switches the contrastive loss off
+    contrastive_temperature: float = 0.1  # the best temperature in the SupCon paper
+    contrastive_samples: int = 256  # (token, expert) pairs per layer feeding the loss: cost ~ samples^2
+    balance_weight: float = 0.01  # Switch Transformer's value
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            raise TypeError(f"target_modules must be a list of names such as ('wq', 'wv'), got the string {self.target_modules!r}")
+        self.target_modules = tuple(self.target_modules)
+        checks = [
+            (self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}"),
+            (1 <= self.top_k <= self.num_experts, f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"),
+            (self.r >= 1, f"r must be >= 1, got {self.r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (len(self.target_modules) > 0, "target_modules is empty"),
+            (self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight}"),
+            (self.contrastive_temperature > 0, f"contrastive_temperature must be > 0, got {self.contrastive_temperature}"),
+            (self.contrastive_samples >= 2, f"contrastive_samples must be >= 2, got {self.contrastive_samples}"),
+            (self.balance_weight >= 0, f"balance_weight must be >= 0, got {self.balance_weight}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"MoELoRAConfig: {msg}")
+
+
+def balance_loss(logits, top_idx, num_experts: int):
+    """Switch Transformer load balancing. logits [M, N] router scores, top_idx [M, k] selected experts."""
+    probs = logits.float().softmax(dim=-1)  # [M, N]
+    f = torch.bincount(top_idx.flatten(), minlength=num_experts).float() / top_idx.numel()  # [N], no gradient
+    P = probs.mean(dim=0)  # [N], the differentiable half
+    return num_experts * (f * P).sum()
+
+
+def contrastive_loss(dots, labels, temperature: float, norm_floor: float):
+    """Supervised contrastive loss from dot products. dots [S, S] = z @ z.T of the features z [S, d],
+    labels [S] the expert index of each feature. Taking dots rather than z lets the caller form them cheaply."""
+    S = dots.shape[0]
+    self_mask = torch.eye(S, dtype=torch.bool, device=dots.device)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask  # [S, S] same expert, another token
+    has_pos = pos.any(dim=1)  # [S]
+    if not has_pos.any():  # every sampled expert appears once: nothing to pull together
+        return dots.sum() * 0.0
+    # cos = z_a.z_b / (max(|z_a|, f) max(|z_b|, f)), see COSINE_NORM_FLOOR; clamping |z|^2 before the square
+    # root also keeps the gradient finite when z = 0 (B at its initial zeros)
+    dots = dots.float()
+    norms = dots.diagonal().clamp(min=norm_floor ** 2).sqrt()  # [S] max(|z|, f)
+    sim = dots / (norms[:, None] * norms[None, :] * temperature)  # [S, S] cos / tau
+    # -log(exp(sim_ap) / sum_{n != a} exp(sim_an)) = lse_a - sim_ap, averaged over the positives p of a
+    lse = sim.masked_fill(self_mask, float("-inf")).logsumexp(dim=1)  # [S], an anchor is not its own negative
+    mean_pos_sim = (sim * pos).sum(dim=1) / pos.sum(dim=1).clamp(min=1)  # [S]
+    return (lse - mean_pos_sim)[has_pos].mean()
+
+
+class MoELoRALinear(nn.Module):
+    """y = W0 x + b + scaling * sum_{i in top-k} g_i(x) B_i A_i dropout(x), with W0 and b frozen.
+
+    The wrapped layer's weight and bias are registered here under the same names, so `.weight`, `.bias`,
+    `in_features`, `out_features` read as before and the model's state-dict keys do not change.
+    Adapters and router are float32 whatever the base dtype; the input is cast to them and the output back.
+    """
+
+    def __init__(self, base: nn.Linear, config: MoELoRAConfig):
+        super().__init__()
+        self.config = config
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        N, r, device = config.num_experts, config.r, base.weight.device
+        self.scaling = config.lora_alpha / r
+        # all experts stacked: no Python loop over experts in forward
+        self.lora_A = nn.Parameter(torch.empty(N, r, self.in_features, device=device))  # [N, r, in]
+        self.lora_B = nn.Parameter(torch.zeros(N, self.out_features, r, device=device))  # [N, out, r]
+        # Kaiming-uniform with a=sqrt(5) as nn.Linear and PEFT: bound = 1/sqrt(fan_in), fan_in = in_features
+        # (written out because kaiming_uniform_ on a 3-D tensor would take r * in as the fan-in)
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.lora_A, -bound, bound)
+        # nn.Linear's random init, not zeros: with all logits tied, top-k would send every token to experts 0..k-1
+        self.router = nn.Linear(self.in_features, N, bias=False, device=device)
+        self.dropout = nn.Dropout(config.lora_dropout)
+        self.merged = False
+        self.aux_contrastive = self.aux_balance = None  # weighted losses of the last forward (training only)
+        self.last_logits = self.last_top_idx = None  # detached routing of the last forward, for statistics
+
+    def route(self, x):
+        """x [M, in] -> gates [M, N] (k non-zero per row, summing to 1), top_idx [M, k], logits [M, N]."""
+        logits = self.router(x)  # [M, N]
+        top_logits, top_idx = logits.topk(self.config.top_k, dim=-1)  # [M, k]
+        top_gates = top_logits.float().softmax(dim=-1)  # [M, k]
+        gates = torch.zeros(logits.shape, dtype=top_gates.dtype, device=x.device).scatter(-1, top_idx, top_gates)
+        return gates, top_idx, logits
+
+    def experts_B(self):
+        # [N, out, r] -> [out, N*r]: the experts' B side by side, so that one matmul applies all of them
+        return self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
+
+    def forward(self, x):
+        result = F.linear(x, self.weight, self.bias)
+        self.aux_contrastive = self.aux_balance = None
+        if self.merged:
+            return result
+        cfg, N, r = self.config, self.config.num_experts, self.config.r
+        x2 = x.to(self.lora_A.dtype).reshape(-1, self.in_features)  # [M, in], M = number of tokens
+        gates, top_idx, logits = self.route(x2)
+        # All N experts at once are one LoRA of rank N*r whose rank blocks are scaled per token by the gate
+        # (0 for unselected experts): two matmuls, the cost of the equal-parameter LoRA. Gathering the k
+        # selected experts' A and B per token instead materialises [M, k, out, r] and measured far slower.
+        h = F.linear(self.dropout(x2), self.lora_A.reshape(N * r, -1))  # [M, N*r] every expert's code A_i x
+        h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
+        delta = F.linear(h_gated, self.experts_B())  # [M, out]
+        self.last_logits, self.last_top_idx = logits.detach(), top_idx
+        if self.training and N > 1:
+            if cfg.balance_weight > 0:
+                self.aux_balance = cfg.balance_weight * balance_loss(logits, top_idx, N)
+            if cfg.contrastive_weight > 0:
+                self.aux_contrastive = cfg.contrastive_weight * self.sampled_contrastive_loss(h, top_idx)
+        delta = (self.scaling * delta).view(*x.shape[:-1], self.out_features)
+        return result + delta.to(result.dtype)
+
+    def sampled_contrastive_loss(self, h, top_idx):
+        """h [M, N*r] expert codes A_i x (before gating), top_idx [M, k]: contrastive loss on sampled pairs."""
+        cfg, N, r = self.config, self.config.num_experts, self.config.r
+        M, k = top_idx.shape
+        S = min(cfg.contrastive_samples, M * k)
+        pick = torch.randperm(M * k, device=h.device)[:S]  # distinct (token, slot) pairs
+        token, expert = pick // k, top_idx.reshape(-1)[pick]  # [S], [S]
+        # z = B_e A_e x_t for the sampled pairs: keep the chosen expert's rank block of the code and zero the
+        # others (a one-hot gate), then z = codes @ B_all^T with the experts' B side by side [out, N*r]
+        onehot = F.one_hot(expert, N).to(h.dtype)  # [S, N]
+        codes = (h[token].view(S, N, r) * onehot.unsqueeze(-1)).view(S, N * r)  # [S, N*r]
+        # The loss needs only the dot products z_a.z_b = codes_a (B_all^T B_all) codes_b^T: through the small
+        # [N*r, N*r] Gram matrix of B they cost S*S*N*r multiply-adds instead of S*S*out (found by profiling)
+        B_all = self.experts_B()  # [out, N*r]
+        dots = codes @ (B_all.T @ B_all) @ codes.T  # [S, S] = z @ z.T
+        return contrastive_loss(dots, expert, cfg.contrastive_temperature, COSINE_NORM_FLOOR)
+
+    def merge(self):
+        """Fold the adapter into the weight: exact only for one expert with top-1 (plain LoRA).
+
+        With several experts the update sum_i g_i(x) B_i A_i depends on the input through the gates, so
+        no single matrix equals it for every x; the adapter must stay a separate branch.
+        """
+        cfg = self.config
+        if cfg.num_experts != 1 or cfg.top_k != 1:
+            raise ValueError(
+                f"cannot merge MoELoRA with num_experts={cfg.num_experts}, top_k={cfg.top_k}: the gates depend on "
+                "the input, so the adapter is no fixed matrix; only num_experts=1, top_k=1 (plain LoRA) merges")
+        if not self.merged:
+            with torch.no_grad():
+                self.weight += (self.scaling * self.lora_B[0] @ self.lora_A[0]).to(self.weight.dtype)
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            with torch.no_grad():
+                self.weight -= (self.scaling * self.lora_B[0] @ self.lora_A[0]).to(self.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={c.num_experts}, "
+                f"top_k={c.top_k}, r={c.r}, scaling={self.scaling:g}, merged={self.merged}")
+
+
+def moelora_layers(model):
+    """(name, MoELoRALinear) pairs of the model, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELoRALinear)]
+
+
+def inject_moelora(model, config: MoELoRAConfig):
+    """Replace, in place, every nn.Linear whose attribute name is in config.target_modules. Returns model.
+
+    Names match the last component of the module path: "wq" matches "layers.0.attention.wq".
+    Only layers that are called as modules are adapted: nn.MultiheadAttention, for one, reads
+    out_proj.weight directly, so an adapter on its out_proj would be bypassed.
+    """
+    if moelora_layers(model):
+        raise ValueError("the model already has MoELoRA layers: inject once, into the base model")
+    found, linear_names = [], set()
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                linear_names.add(name)
+                if name in config.target_modules:
+                    found.append((parent, name, child))
+    missing = [t for t in config.target_modules if t not in linear_names]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its nn.Linear names are {sorted(linear_names)}")
+    for parent, name, child in found:  # replaced after the walk: never modify a module tree while iterating it
+        setattr(parent, name, MoELoRALinear(child, config))
+    return model
+
+
+def mark_only_moelora_as_trainable(model):
+    for p in model.parameters():
+        p.requires_grad = False
+    for _, layer in moelora_layers(model):
+        for p in (layer.lora_A, layer.lora_B, layer.router.weight):
+            p.requires_grad = True
+    return model
+
+
+def moelora_config(model) -> MoELoRAConfig:
+    layers = moelora_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoELoRA layers: call inject_moelora first")
+    return layers[0][1].config
+
+
+def moelora_state_dict(model):
+    """Adapter and router weights only (detached), plus "moelora_config": the config as a plain dict."""
+    sd = {}
+    for name, layer in moelora_layers(model):
+        for key, p in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("router.weight", layer.router.weight)):
+            sd[f"{name}.{key}"] = p.detach().clone()
+    sd["moelora_config"] = asdict(moelora_config(model))
+    return sd
+
+
+def load_moelora_state_dict(model, state_dict):
+    """Load what moelora_state_dict saved into a model injected with the same config. Strict."""
+    state_dict = dict(state_dict)
+    saved = state_dict.pop("moelora_config", None)
+    if saved is None:
+        raise ValueError("state dict has no 'moelora_config' entry: it was not written by moelora_state_dict")
+    ours = asdict(moelora_config(model))
+    saved = dict(saved, target_modules=tuple(saved.get("target_modules", ())))
+    diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"MoELoRA config mismatch (field: (saved, model)): {diff}; inject with "
+                         "MoELoRAConfig(**state_dict['moelora_config']) to match the checkpoint")
+    expected = {k: v for k, v in moelora_state_dict(model).items() if k != "moelora_config"}
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"MoELoRA state dict does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError("MoELoRA state dict shape mismatch: " + "; ".join(wrong))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            params[k].copy_(v)
+    return model
+
+
+def moelora_aux_losses(model):
+    """{"contrastive", "balance"}: the last forward's auxiliary losses, already multiplied by their weights,
+    averaged over the adapted layers. Zero tensors in eval mode or with a weight of 0 (nothing computed).
+    Call it after every forward (e.g. inside a gradient-accumulation loop): the next forward replaces them."""
+    layers = [layer for _, layer in moelora_layers(model)]
+    zero = layers[0].lora_A.new_zeros(()) if layers else torch.zeros(())
+    out = {}
+    for key, attr in (("contrastive", "aux_contrastive"), ("balance", "aux_balance")):
+        values = [getattr(layer, attr) for layer in layers if getattr(layer, attr) is not None]
+        out[key] = torch.stack(values).mean() if values else zero
+    return out
+
+
+def moelora_routing_stats(model):
+    """{layer name: {"expert_share": share of (token, slot) assignments per expert (N floats, summing to 1),
+    "router_entropy": mean per-token entropy of the router softmax, in nats (log N = uniform)}}, last forward."""
+    stats = {}
+    for name, layer in moelora_layers(model):
+        if layer.last_logits is None:
+            continue
+        N = layer.config.num_experts
+        share = torch.bincount(layer.last_top_idx.flatten(), minlength=N).float() / layer.last_top_idx.numel()
+        logp = layer.last_logits.float().log_softmax(dim=-1)  # [M, N]
+        entropy = -(logp.exp() * logp).sum(dim=-1).mean()
+        stats[name] = {"expert_share": share.tolist(), "router_entropy": entropy.item()}
+    return stats
+
+
+def merge_moelora(model):
+    """Fold every adapter into its base weight (only num_experts=1, top_k=1; see MoELoRALinear.merge)."""
+    for _, layer in moelora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_moelora(model):
+    for _, layer in moelora_layers(model):
+        layer.unmerge()
+    return model

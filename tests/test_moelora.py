@@ -1,0 +1,389 @@
+"""Tests of moelora.py: tiny layers on CPU, seconds in all."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moelora
+from moelora import (MoELoRAConfig, MoELoRALinear, balance_loss, contrastive_loss, inject_moelora,
+                     load_moelora_state_dict, mark_only_moelora_as_trainable, merge_moelora,
+                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict, unmerge_moelora)
+
+
+class TinyAttention(nn.Module):
+    """Just enough of an attention block to carry LLaMA's projection names."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x):  # x [B, T, dim]
+        att = (self.wq(x) @ self.wk(x).transpose(1, 2) / math.sqrt(x.shape[-1])).softmax(-1)  # [B, T, T]
+        return self.wo(att @ self.wv(x))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dim=16, n_layers=2):
+        super().__init__()
+        self.layers = nn.ModuleList(TinyAttention(dim) for _ in range(n_layers))
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+def small_config(**kw):
+    kw = {"num_experts": 4, "top_k": 2, "r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "contrastive_samples": 32, **kw}
+    return MoELoRAConfig(**kw)
+
+
+def randomize_B(model, std=0.1):
+    """B starts at zero, which hides most bugs: give the experts something to say."""
+    with torch.no_grad():
+        for _, layer in moelora.moelora_layers(model):
+            layer.lora_B.normal_(0, std)
+
+
+def test_config_defaults_and_validation():
+    c = MoELoRAConfig()
+    assert (c.num_experts, c.top_k, c.target_modules) == (8, 2, ("wq", "wv"))
+    for bad, word in [({"top_k": 9}, "top_k"), ({"num_experts": 0}, "num_experts"), ({"r": 0}, "r must"),
+                      ({"lora_dropout": 1.0}, "lora_dropout"), ({"contrastive_temperature": 0}, "temperature"),
+                      ({"contrastive_samples": 1}, "contrastive_samples"), ({"target_modules": ()}, "empty"),
+                      ({"balance_weight": -1}, "balance_weight")]:
+        with pytest.raises(ValueError, match=word):
+            MoELoRAConfig(**bad)
+    with pytest.raises(TypeError, match="list of names"):
+        MoELoRAConfig(target_modules="wq")
+
+
+def test_fresh_injection_is_identity_and_only_adapters_train():
+    model = TinyNet()
+    x = torch.randn(2, 5, 16)
+    before = model(x)
+    base_state = copy.deepcopy(model.state_dict())
+    inject_moelora(model, small_config())
+    mark_only_moelora_as_trainable(model)
+    assert torch.equal(model(x), before)  # B = 0: bit for bit the base model
+    assert set(model.state_dict()) >= set(base_state)  # base keys unchanged by the wrapping
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.split(".")[-1] in ("lora_A", "lora_B") or n.endswith("router.weight") for n in trainable)
+    assert len(trainable) == 2 * 2 * 3  # 2 layers x (wq, wv) x (A, B, router)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # decay must not touch frozen weights
+    for _ in range(3):
+        loss = model(x).pow(2).mean() + sum(moelora_aux_losses(model).values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())
+    assert not torch.equal(model(x), before)  # ... while the adapters did learn
+
+
+def test_one_expert_top1_is_lora_by_hand():
+    base = nn.Linear(12, 10)
+    layer = MoELoRALinear(copy.deepcopy(base), small_config(num_experts=1, top_k=1, r=3, lora_alpha=6))
+    randomize_B(layer)
+    x = torch.randn(4, 7, 12)
+    A, B = layer.lora_A[0], layer.lora_B[0]  # [r, in], [out, r]
+    expected = base(x) + (6 / 3) * x @ A.T @ B.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_one_expert_top1_matches_peft_lora():
+    peft = pytest.importorskip("peft", reason="peft not installed (pip install -r requirements-dev.txt)")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(12, 10)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    ours, theirs = Net(), Net()
+    theirs.load_state_dict(ours.state_dict())
+    inject_moelora(ours, small_config(num_experts=1, top_k=1, r=4, lora_alpha=8, target_modules=("proj",)))
+    randomize_B(ours)
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["proj"]), theirs)
+    with torch.no_grad():
+        theirs.proj.lora_A["default"].weight.copy_(ours.proj.lora_A[0])
+        theirs.proj.lora_B["default"].weight.copy_(ours.proj.lora_B[0])
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_gates_top_k_sum_to_one_and_router_learns():
+    layer = MoELoRALinear(nn.Linear(16, 8), small_config(num_experts=6, top_k=3))
+    randomize_B(layer)
+    x = torch.randn(50, 16)
+    gates, top_idx, logits = layer.route(x)
+    assert gates.shape == (50, 6) and top_idx.shape == (50, 3)
+    assert ((gates > 0).sum(-1) == 3).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+    assert torch.equal(gates.gather(-1, top_idx) > 0, torch.ones(50, 3, dtype=torch.bool))
+    assert torch.equal(top_idx.sort(-1).values, logits.topk(3, -1).indices.sort(-1).values)
+    layer.eval()  # no auxiliary losses: the router's gradient must come through the gates alone
+    layer(x).pow(2).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_contrastive_loss_finite_with_gradients_into_A_and_B():
+    layer = MoELoRALinear(nn.Linear(16, 16), small_config(contrastive_weight=0.5))
+    randomize_B(layer)
+    layer(torch.randn(2, 20, 16))
+    loss = layer.aux_contrastive
+    assert loss is not None and torch.isfinite(loss) and loss > 0
+    A_grad, B_grad = torch.autograd.grad(loss, [layer.lora_A, layer.lora_B])
+    assert A_grad.abs().sum() > 0 and B_grad.abs().sum() > 0
+
+
+def test_contrastive_loss_matches_the_formula_written_out():
+    z, labels, tau = torch.randn(7, 5), torch.tensor([0, 1, 0, 2, 1, 0, 3]), 0.2
+    cos = F.cosine_similarity(z[:, None], z[None, :], dim=-1) / tau  # [S, S]
+    per_anchor = []
+    for a in range(7):
+        positives = [p for p in range(7) if p != a and labels[p] == labels[a]]
+        if positives:  # anchors 3 and 6 have none: skipped
+            denominator = torch.stack([cos[a, n] for n in range(7) if n != a]).logsumexp(0)
+            per_anchor.append(-torch.stack([cos[a, p] - denominator for p in positives]).mean())
+    torch.testing.assert_close(contrastive_loss(z @ z.T, labels, tau, 1e-6), torch.stack(per_anchor).mean())
+
+
+def test_contrastive_loss_prefers_separated_experts():
+    # two hand-built layers over the same tokens and routing: experts that write into disjoint output
+    # coordinates (separated) against experts that all share one A and one B (coinciding outputs)
+    cfg = small_config(num_experts=4, top_k=2, r=2, contrastive_samples=64, contrastive_weight=1.0)
+    separated = MoELoRALinear(nn.Linear(16, 16), cfg)
+    coincide = copy.deepcopy(separated)
+    with torch.no_grad():
+        A = separated.lora_A[0].abs()  # one code for all experts: only B tells them apart
+        separated.lora_A[:] = A
+        separated.lora_B.zero_()
+        for i in range(4):
+            separated.lora_B[i, 4 * i:4 * i + 2] = torch.eye(2)  # expert i writes coordinates 4i, 4i+1
+        coincide.lora_A[:] = A
+        coincide.lora_B[:] = separated.lora_B[0]  # every expert writes coordinates 0, 1
+    x = torch.randn(40, 16).abs()  # positive inputs and A: each expert's outputs point the same way
+    torch.manual_seed(1)
+    separated(x)
+    torch.manual_seed(1)  # the same sampled pairs
+    coincide(x)
+    assert separated.aux_contrastive < coincide.aux_contrastive - 0.5
+    # the same on features built directly
+    labels = torch.arange(4).repeat_interleave(8)
+    z_sep = F.one_hot(labels, 4).float() + 0.05 * torch.randn(32, 4)
+    z_same = torch.ones(32, 4) + 0.05 * torch.randn(32, 4)
+    assert contrastive_loss(z_sep @ z_sep.T, labels, 0.1, 1e-2) < contrastive_loss(z_same @ z_same.T, labels, 0.1, 1e-2)
+    # no anchor has a positive: zero, and still part of the graph
+    z = torch.randn(4, 3, requires_grad=True)
+    loss = contrastive_loss(z @ z.T, torch.arange(4), 0.1, 1e-2)
+    assert loss == 0 and loss.requires_grad
+
+
+def contrastive_grad_norm_into_B(B_std, norm_floor):
+    torch.manual_seed(0)
+    cfg = MoELoRAConfig(num_experts=8, top_k=2, r=4, lora_dropout=0.0, contrastive_weight=0.1)
+    layer = MoELoRALinear(nn.Linear(64, 64), cfg)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, B_std)
+    x = torch.randn(4, 64, 64)
+    h = F.linear(x.reshape(-1, 64), layer.lora_A.reshape(32, -1))
+    _, top_idx, _ = layer.route(x.reshape(-1, 64))
+    old_floor, moelora.COSINE_NORM_FLOOR = moelora.COSINE_NORM_FLOOR, norm_floor
+    try:
+        loss = cfg.contrastive_weight * layer.sampled_contrastive_loss(h, top_idx)
+    finally:
+        moelora.COSINE_NORM_FLOOR = old_floor
+    return torch.autograd.grad(loss, layer.lora_B)[0].norm().item()
+
+
+def test_contrastive_gradient_bounded_at_tiny_B():
+    # the pitfall: B starts at 0, so expert outputs are tiny early on and a plain cosine's gradient ~ 1/|z|
+    assert contrastive_grad_norm_into_B(1e-6, norm_floor=1e-12) > 1e3  # without the floor: explodes
+    floor = moelora.COSINE_NORM_FLOOR
+    assert contrastive_grad_norm_into_B(1e-6, floor) < 1e-3
+    assert contrastive_grad_norm_into_B(1e-4, floor) < 1e-2
+    peak = max(contrastive_grad_norm_into_B(s, floor) for s in (3e-3, 1e-2, 2e-2))
+    assert peak < 3  # the worst case, where |z| ~ floor; unfloored it is 5e3
+    # at ordinary scales the floor changes nothing
+    assert contrastive_grad_norm_into_B(1.0, floor) == pytest.approx(contrastive_grad_norm_into_B(1.0, 1e-12), rel=1e-5)
+
+
+def test_balance_loss_by_hand_and_one_when_balanced():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    top_idx = torch.tensor([[0], [1], [2], [0]])
+    f = torch.tensor([2, 1, 1]) / 4
+    P = logits.softmax(-1).mean(0)
+    torch.testing.assert_close(balance_loss(logits, top_idx, 3), 3 * (f * P).sum())
+    # perfectly balanced: uniform probabilities and every expert chosen equally often (top-2 of 4)
+    balanced = balance_loss(torch.zeros(8, 4), torch.tensor([[0, 1], [2, 3]] * 4), 4)
+    torch.testing.assert_close(balanced, torch.tensor(1.0))
+    # all tokens to one confident expert: the loss grows towards N
+    assert balance_loss(torch.tensor([[10.0, 0, 0, 0]] * 8), torch.zeros(8, 1, dtype=torch.long), 4) > 3.9
+
+
+def test_aux_losses_weighted_averaged_and_skipped_when_off():
+    model = inject_moelora(TinyNet(), small_config(contrastive_weight=0.5, balance_weight=0.25))
+    randomize_B(model)
+    x = torch.randn(2, 8, 16)
+    model(x)
+    layers = [layer for _, layer in moelora.moelora_layers(model)]
+    aux = moelora_aux_losses(model)
+    torch.testing.assert_close(aux["balance"], torch.stack([l.aux_balance for l in layers]).mean())
+    torch.testing.assert_close(aux["contrastive"], torch.stack([l.aux_contrastive for l in layers]).mean())
+    model.eval()
+    model(x)
+    assert all(l.aux_balance is None and l.aux_contrastive is None for l in layers)  # not computed
+    assert all(v == 0 for v in moelora_aux_losses(model).values())
+    model = inject_moelora(TinyNet(), small_config(contrastive_weight=0.0))
+    model(x)
+    assert moelora_aux_losses(model)["contrastive"] == 0 and moelora_aux_losses(model)["balance"] > 0
+
+
+def test_routing_stats():
+    model = inject_moelora(TinyNet(), small_config())
+    assert moelora_routing_stats(model) == {}
+    model(torch.randn(2, 8, 16))
+    stats = moelora_routing_stats(model)
+    assert set(stats) == {f"layers.{i}.{n}" for i in range(2) for n in ("wq", "wv")}
+    for s in stats.values():
+        assert len(s["expert_share"]) == 4 and sum(s["expert_share"]) == pytest.approx(1.0)
+        assert 0 < s["router_entropy"] <= math.log(4) + 1e-6
+
+
+def test_inject_names_and_errors():
+    model = inject_moelora(TinyNet(), small_config(target_modules=("wq", "head")))
+    assert isinstance(model.layers[1].wq, MoELoRALinear) and isinstance(model.head, MoELoRALinear)
+    assert isinstance(model.layers[0].wk, nn.Linear)
+    assert model.head.bias is not None and model.head.weight.shape == (16, 16)
+    assert (model.head.in_features, model.head.out_features) == (16, 16)
+    with pytest.raises(ValueError, match="already has MoELoRA"):
+        inject_moelora(model, small_config())
+    with pytest.raises(ValueError, match=r"\['q_proj'\] match no nn.Linear.*'head', 'wk', 'wo', 'wq', 'wv'"):
+        inject_moelora(TinyNet(), small_config(target_modules=("wq", "q_proj")))
+
+
+def test_trains_a_model_that_is_not_ours():
+    torch.manual_seed(0)
+    net = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    inject_moelora(net, small_config(target_modules=("linear1", "linear2")))
+    mark_only_moelora_as_trainable(net)
+    x, y = torch.randn(4, 6, 16), torch.randn(4, 6, 16)  # toy regression: fit fixed targets
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(40):  # train mode throughout: PyTorch's eval fast path reads linear1.weight directly
+        mse = F.mse_loss(net(x), y)
+        (mse + sum(moelora_aux_losses(net).values())).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(mse.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_save_load_roundtrip_and_strict_errors():
+    base = TinyNet()
+    cfg = small_config()
+    model = inject_moelora(copy.deepcopy(base), cfg)
+    randomize_B(model)
+    buf = io.BytesIO()
+    torch.save(moelora_state_dict(model), buf)
+    assert all(k.endswith(("lora_A", "lora_B", "router.weight")) for k in moelora_state_dict(model) if k != "moelora_config")
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    fresh = inject_moelora(copy.deepcopy(base), MoELoRAConfig(**sd["moelora_config"]))
+    load_moelora_state_dict(fresh, sd)
+    x = torch.randn(2, 5, 16)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+
+    def fails(sd, exc, pattern):
+        with pytest.raises(exc, match=pattern):
+            load_moelora_state_dict(inject_moelora(copy.deepcopy(base), cfg), sd)
+
+    fails({k: v for k, v in sd.items() if k != "layers.1.wv.lora_B"}, ValueError, r"missing keys \['layers.1.wv.lora_B'\]")
+    fails({**sd, "layers.0.wk.lora_A": sd["layers.0.wq.lora_A"]}, ValueError, r"unexpected keys \['layers.0.wk.lora_A'\]")
+    fails({**sd, "layers.0.wq.lora_A": sd["layers.0.wq.lora_A"][:, :1]}, ValueError, r"layers.0.wq.lora_A: saved \(4, 1, 16\)")
+    fails({**sd, "moelora_config": {**sd["moelora_config"], "r": 8}}, ValueError, r"config mismatch.*'r': \(8, 2\)")
+    fails({k: v for k, v in sd.items() if k != "moelora_config"}, ValueError, "no 'moelora_config'")
+
+
+def test_autocast_bf16_and_bf16_base_keep_fp32_adapters():
+    model = inject_moelora(TinyNet(), small_config())
+    mark_only_moelora_as_trainable(model)
+    randomize_B(model)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = out.float().pow(2).mean() + sum(moelora_aux_losses(model).values())
+    assert out.dtype == torch.bfloat16  # what the base linear gives under autocast
+    loss.backward()
+    layer = model.layers[0].wq
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.router.weight.dtype == torch.float32
+    assert layer.lora_B.grad.dtype == torch.float32 and torch.isfinite(layer.lora_B.grad).all()
+    # a bf16 base: adapters stay float32, the output keeps the base's dtype
+    layer = MoELoRALinear(nn.Linear(16, 8).to(torch.bfloat16), small_config())
+    randomize_B(layer)
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    ref = F.linear(x.to(torch.bfloat16), layer.weight, layer.bias)
+    assert not torch.equal(out, ref)  # the adapter contributed
+
+
+def test_merge_unmerge():
+    model = inject_moelora(TinyNet(), small_config(num_experts=1, top_k=1, r=3))
+    randomize_B(model)
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    unmerged = model(x)
+    w0 = model.layers[0].wq.weight.clone()
+    merge_moelora(model)
+    assert not torch.equal(model.layers[0].wq.weight, w0)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+    merge_moelora(model)  # idempotent
+    unmerge_moelora(model)
+    torch.testing.assert_close(model.layers[0].wq.weight, w0, rtol=0, atol=1e-7)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gates depend on the input"):
+        merge_moelora(inject_moelora(TinyNet(), small_config()))
+
+
+def test_llama_from_model_py():
+    model_py = pytest.importorskip("model", reason="model.py (our LLaMA) not importable")
+    args = model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
+    model = model_py.Transformer(args)
+    tokens = torch.randint(0, 64, (2, 12))
+    logits_before, _ = model(tokens)
+    inject_moelora(model, MoELoRAConfig(contrastive_samples=32))
+    mark_only_moelora_as_trainable(model)
+    assert {n for n, _ in moelora.moelora_layers(model)} == {f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wv")}
+    logits, loss = model(tokens, tokens)
+    assert torch.equal(logits, logits_before)
+    aux = moelora_aux_losses(model)
+    assert aux["contrastive"] > 0 and aux["balance"] > 0
+    (loss + sum(aux.values())).backward()
+    assert model.layers[0].attention.wq.lora_B.grad.abs().sum() > 0
+    assert model.tok_embeddings.weight.grad is None
+
+
+def test_hugging_face_llama_names():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, vocab_size=32, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(config)
+    tokens = torch.randint(0, 32, (2, 6))
+    before = model(tokens).logits
+    inject_moelora(model, small_config(target_modules=("q_proj", "v_proj")))
+    mark_only_moelora_as_trainable(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, MoELoRALinear)
+    out = model(tokens, labels=tokens)
+    assert torch.equal(out.logits, before)
+    (out.loss + sum(moelora_aux_losses(model).values())).backward()
+    assert model.model.layers[0].self_attn.v_proj.lora_B.grad.abs().sum() > 0
