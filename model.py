@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss (prompt tokens, padding)
 
@@ -167,6 +168,7 @@ class Transformer(nn.Module):
         cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
+        self.grad_checkpointing = False  # trade compute for memory in training: see forward
         self.apply(self._init_weights)
         # GPT-2 style: scale the projections that write into the residual stream by depth
         for name, p in self.named_parameters():
@@ -201,7 +203,11 @@ class Transformer(nn.Module):
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # [B, T, hd/2]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in the backward pass
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
             h = h[:, -1:]

@@ -1,0 +1,537 @@
+"""
+Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task, then grade it. One file.
+
+    python train.py --task gsm8k                                  # built-in tiny LLaMA, CPU, a few minutes
+    python train.py --task gsm8k --model path/to/llama-2-7b       # a real Meta or Hugging Face checkpoint
+    torchrun --nproc_per_node=4 train.py --task gsm8k --model ... # data-parallel on 4 GPUs
+    python train.py --task svamp --model ... --train_file math_10k.json
+    python train.py --task gsm8k --model ... --eval_only          # grade out_dir/ckpt.pt (or the bare base)
+
+Read top to bottom: settings, the built-in tiny base, batches, checkpoints, the training loop, evaluation, main.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.grading import extract_answer, is_correct
+from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
+from data.tasks import ALL_TASKS, DataError, find_data_dir, load_split
+from model import ModelArgs, Transformer
+from moelora import (MoELoRAConfig, inject_moelora, load_moelora_state_dict, mark_only_moelora_as_trainable,
+                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict)
+from tokenizer import Tokenizer, train_tokenizer
+
+# -----------------------------------------------------------------------------------------------------
+# settings
+
+# used when no --model is given: a small LLaMA pretrained here on the task's own training text
+TINY_MODEL = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=32, max_seq_len=512)
+# defaults that differ between the tiny CPU run and a real checkpoint (LLM-Adapters' values for LLaMA-7B);
+# a flag given on the command line always wins
+DEFAULTS_REAL = dict(lr=3e-4, epochs=3, max_steps=None, batch_size=16, micro_batch_size=4, max_seq_len=512,
+                     eval_batch_size=16, max_new_tokens=256, warmup_steps=100)
+DEFAULTS_TINY = dict(lr=3e-3, epochs=None, max_steps=80, batch_size=16, micro_batch_size=16, max_seq_len=384,
+                     eval_batch_size=64, max_new_tokens=160, warmup_steps=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--task", default="gsm8k", choices=ALL_TASKS, help="what to train on and grade (default gsm8k)")
+    a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: built-in tiny LLaMA")
+    a("--pretrain_steps", type=int, default=150, help="steps (16 x 256 tokens) to pretrain the built-in tiny base (default 150)")
+    a("--data_dir", default=None, help="datasets root (gsm8k/, llm-adapters/); default $MOELORA_DATA_DIR or data/cache")
+    a("--train_file", default=None, help="training JSON (e.g. Math10K / Commonsense170K) instead of the task's train split")
+    a("--out_dir", default="out", help="checkpoints, logs, predictions (default out/)")
+    a("--method", default="moelora", choices=["moelora", "lora", "full"], help="adapters to train (default moelora)")
+    a("--num_experts", type=int, default=8, help="MoELoRA experts (default 8)")
+    a("--top_k", type=int, default=2, help="experts per token (default 2)")
+    a("--r", type=int, default=None, help="rank of each expert (default 4); of the LoRA for --method lora (default 32: equal parameters)")
+    a("--lora_alpha", type=float, default=None, help="scaling = lora_alpha / r (default 2r)")
+    a("--lora_dropout", type=float, default=0.05, help="dropout on the adapter input (default 0.05)")
+    a("--target_modules", default="wq,wv", help="comma-separated Linear names to adapt (default wq,wv)")
+    a("--contrastive_weight", type=float, default=0.1, help="weight of the contrastive loss, 0 = off (default 0.1)")
+    a("--contrastive_temperature", type=float, default=0.1, help="temperature of the contrastive loss (default 0.1)")
+    a("--contrastive_samples", type=int, default=256, help="(token, expert) pairs per layer in the contrastive loss")
+    a("--balance_weight", type=float, default=0.01, help="weight of the load-balancing loss (default 0.01)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 3e-4; tiny model 3e-3)")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    a("--warmup_steps", type=int, default=None, help="linear warm-up, then cosine decay to lr/10 (default 100; tiny 10)")
+    a("--epochs", type=float, default=None, help="passes over the training set (default 3)")
+    a("--max_steps", type=int, default=None, help="optimizer steps; overrides --epochs (tiny model default 80)")
+    a("--batch_size", type=int, default=None, help="examples per optimizer step, all processes together (default 16)")
+    a("--micro_batch_size", type=int, default=None, help="examples per forward pass; the rest is gradient accumulation (default 4)")
+    a("--max_seq_len", type=int, default=None, help="cutoff in tokens: longer examples are truncated (default 512)")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this, 0 = off (default 1.0)")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype on CUDA; auto = bf16 if supported, else fp16 (CPU: fp32)")
+    a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
+    a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    a("--eval_only", action="store_true", help="no training: grade out_dir/ckpt.pt if it exists, else the base model")
+    a("--eval_limit", type=int, default=None, help="grade only the first N test examples")
+    a("--eval_batch_size", type=int, default=None, help="prompts per generation batch (default 16; tiny 64)")
+    a("--max_new_tokens", type=int, default=None, help="generation budget per answer (default 256; tiny 160)")
+    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    a("--stop_after", type=int, default=None, help="stop (resumably) after this many steps in this session, e.g. for a time-limited job")
+    a("--log_interval", type=int, default=10, help="steps between log lines (default 10)")
+    a("--save_interval", type=int, default=100, help="steps between checkpoints (default 100; one at the end too)")
+    a("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    for key, value in (DEFAULTS_TINY if args.model is None else DEFAULTS_REAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.r is None:
+        args.r = 32 if args.method == "lora" else 4
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.r
+    return args
+
+
+def moelora_config_from(args) -> MoELoRAConfig:
+    lora = args.method == "lora"  # plain LoRA is MoELoRA with one expert: the gate is then always 1
+    return MoELoRAConfig(
+        num_experts=1 if lora else args.num_experts, top_k=1 if lora else args.top_k, r=args.r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
+        contrastive_weight=args.contrastive_weight, contrastive_temperature=args.contrastive_temperature,
+        contrastive_samples=args.contrastive_samples, balance_weight=args.balance_weight)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the built-in tiny base: a tokenizer and a small LLaMA trained here on the task's training text, cached in
+# out_dir/tiny_base_<task> as an ordinary Meta-format checkpoint (params.json, consolidated.00.pth, tokenizer.model)
+
+def build_tiny_base(out_dir: Path, task: str, examples, steps: int, seed: int, log) -> Path:
+    base_dir = out_dir / f"tiny_base_{task}"
+    if (base_dir / "consolidated.00.pth").exists():
+        log(f"built-in tiny LLaMA: reusing {base_dir}")
+        return base_dir
+    log(f"no --model given: building the built-in tiny LLaMA in {base_dir} (a stand-in so the pipeline runs "
+        "anywhere; its accuracy says nothing about the method at scale)")
+    base_dir.mkdir(parents=True, exist_ok=True)
+    texts = [f"{ex['instruction']}\n{ex['output']}" for ex in examples]
+    tok = train_tokenizer(texts, base_dir / "tokenizer.model", vocab_size=TINY_MODEL.vocab_size)
+    # pack the documents into one stream, BOS ... EOS each, and train on random windows of it
+    stream = torch.tensor([i for t in texts for i in tok.encode(t, bos=True, eos=True)], dtype=torch.long)
+    torch.manual_seed(seed)
+    model = Transformer(TINY_MODEL)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    T, B = 256, 16
+    log(f"pretraining it: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{steps} steps of {B}x{T} tokens, on {len(stream) / 1e6:.2f}M tokens of the task's training text")
+    for step in tqdm(range(steps), desc="pretrain tiny base", dynamic_ncols=True):
+        for g in opt.param_groups:
+            g["lr"] = get_lr(step, 3e-3, 20, steps)
+        starts = torch.randint(0, len(stream) - T - 1, (B,))
+        x = torch.stack([stream[s:s + T] for s in starts])
+        y = torch.stack([stream[s + 1:s + T + 1] for s in starts])
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    log(f"tiny base pretrained: last loss {loss.item():.3f}")
+    params = {k: v for k, v in asdict(TINY_MODEL).items() if v is not None}
+    atomic_save(model.state_dict(), base_dir / "consolidated.00.pth")
+    (base_dir / "params.json").write_text(json.dumps(params, indent=2))
+    return base_dir
+
+
+# -----------------------------------------------------------------------------------------------------
+# batches
+
+def batch_order(n_examples: int, batch_size: int, epoch: int, seed: int):
+    """The examples of one epoch in global batches: a permutation that depends only on (seed, epoch), so a
+    resumed run sees exactly the batches it would have seen. The last partial batch is dropped."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_examples, generator=g).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n_examples - batch_size + 1, batch_size)]
+
+
+def collate(pairs, pad_id: int, device):
+    """[(tokens, labels)] -> tokens, labels [B, T], right-padded (labels with IGNORE_INDEX)."""
+    T = max(len(t) for t, _ in pairs)
+    tokens = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (t, l) in enumerate(pairs):
+        tokens[i, :len(t)] = torch.tensor(t)
+        labels[i, :len(l)] = torch.tensor(l)
+    return tokens.to(device), labels.to(device)
+
+
+def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
+    # linear warm-up, then cosine decay to lr / 10 at the last step
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------------------------------
+# checkpoints: adapter weights only (or all weights for --method full), optimizer, scaler, RNG, step, config
+
+def atomic_save(obj, path: Path):
+    # write beside the target and rename: an interrupted save never leaves a truncated checkpoint
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(model, method: str):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()} if method == "full" else moelora_state_dict(model)
+
+
+@torch.no_grad()
+def base_fingerprint(model) -> dict:
+    # enough to tell one base from another without hashing gigabytes: its shape and two weight sums
+    w = model.tok_embeddings.weight
+    return {"args": asdict(model.args), "sums": [round(float(model.norm.weight.float().sum()), 3),
+                                                 round(float(w[: min(8, w.shape[0])].float().sum()), 3)]}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path, model, args, fingerprint):
+    """Read a checkpoint and load its weights into model after checking it belongs to this base and config."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it or choose another --out_dir")
+    if ckpt["base"]["args"] != fingerprint["args"] or ckpt["base"]["sums"] != fingerprint["sums"]:
+        raise SystemExit(f"error: {path} was trained on a different base model ({ckpt['config']['model'] or 'built-in tiny'}"
+                         f", {ckpt['base']}) than this one ({args.model or 'built-in tiny'}, {fingerprint}); "
+                         "use the same --model, or another --out_dir")
+    if ckpt["config"]["method"] != args.method:
+        raise SystemExit(f"error: {path} holds --method {ckpt['config']['method']} weights, not {args.method}")
+    try:
+        if args.method == "full":
+            model.load_state_dict(ckpt["weights"])
+        else:
+            load_moelora_state_dict(model, ckpt["weights"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {path} does not fit this adapter configuration: {e}")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------------------------------
+# distributed data parallel (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), as in nanoGPT
+
+def setup_distributed(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+def all_reduce_sum(x: float, world_size: int, device) -> float:
+    if world_size == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+# -----------------------------------------------------------------------------------------------------
+# training
+
+def train(args, model, raw_model, tok, train_pairs, device, ctx, scaler, rank, world_size, log, log_jsonl):
+    out_dir = Path(args.out_dir)
+    per_rank = args.batch_size // world_size
+    accum = per_rank // args.micro_batch_size  # micro-batches per optimizer step on each process
+    steps_per_epoch = len(batch_order(len(train_pairs), args.batch_size, 0, args.seed))
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_pairs)} training examples is fewer than one batch of {args.batch_size}")
+    total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    fused = device.startswith("cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=fused)
+    fingerprint = base_fingerprint(raw_model)
+    ckpt_path = out_dir / "ckpt.pt"
+    step = 0
+    if args.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"error: --resume given but {ckpt_path} does not exist")
+        ckpt = load_checkpoint(ckpt_path, raw_model, args, fingerprint)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+        step = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    saved_step = step if args.resume else None
+
+    def stop_non_finite(what, step):
+        # nothing is saved from here on: the checkpoint on disk is the last one with finite weights
+        raise SystemExit(f"error: {what} at step {step}; stopped without saving. The last good checkpoint is "
+                         f"{ckpt_path}" + (f" (step {saved_step})" if saved_step is not None else " (none yet)")
+                         + ". Lower --lr, or use --dtype bf16 instead of fp16.")
+
+    def save(step):
+        nonlocal saved_step
+        saved_step = step
+        rngs = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            atomic_save({"weights": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rngs, "step": step, "config": vars(args),
+                         "base": fingerprint}, ckpt_path)
+
+    n_trainable = sum(p.numel() for p in params)
+    log(f"training {n_trainable:,} parameters ({args.method}) for {total_steps} steps "
+        f"({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps), batch {args.batch_size} = "
+        f"{world_size} process(es) x {accum} micro-batch(es) x {args.micro_batch_size}")
+    model.train()
+    last_step = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    t0, tokens_seen = time.time(), 0
+    while step < last_step:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = batch_order(len(train_pairs), args.batch_size, epoch, args.seed)[index]
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        micro_batches = [[train_pairs[i] for i in mine[j:j + args.micro_batch_size]]
+                         for j in range(0, per_rank, args.micro_batch_size)]
+        # every target token of the global batch weighs the same, however the batch is split into
+        # micro-batches and processes: weight each micro-batch's mean loss by its share of the targets
+        n_targets = [sum(sum(l != IGNORE_INDEX for l in labels) for _, labels in mb) for mb in micro_batches]
+        global_targets = all_reduce_sum(sum(n_targets), world_size, device)
+        lr = get_lr(step, args.lr, args.warmup_steps, total_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sums = {"lm": 0.0, "contrastive": 0.0, "balance": 0.0}
+        for j, mb in enumerate(micro_batches):
+            x, y = collate(mb, tok.pad_id, device)
+            sync = j == len(micro_batches) - 1  # DDP all-reduces gradients only on the last micro-batch
+            with (contextlib.nullcontext() if world_size == 1 or sync else model.no_sync()), ctx:
+                _, lm_loss = model(x, y)
+                aux = moelora_aux_losses(raw_model) if args.method == "moelora" else {}
+                # DDP averages gradients over processes, hence the world_size factor
+                loss = lm_loss * (n_targets[j] * world_size / global_targets)
+                loss = loss + sum(aux.values()) / len(micro_batches)
+            if not torch.isfinite(loss):
+                stop_non_finite(f"the loss is {loss.item()} (lm {lm_loss.item()})", step)
+            scaler.scale(loss).backward()
+            sums["lm"] += lm_loss.item() * n_targets[j] / max(1, sum(n_targets))
+            for k, v in aux.items():
+                sums[k] += v.item() / len(micro_batches)
+            tokens_seen += x.numel()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
+            stop_non_finite(f"the gradient norm is {grad_norm.item()}", step)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % args.log_interval == 0 or step == last_step:
+            dt = time.time() - t0
+            record = {"step": step, "lr": lr, "loss": sums["lm"], "contrastive": sums["contrastive"],
+                      "balance": sums["balance"], "tokens_per_s": tokens_seen * world_size / dt}
+            line = f"step {step}: loss {sums['lm']:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s"
+            if args.method == "moelora":
+                stats = moelora_routing_stats(raw_model)
+                record["routing"] = stats
+                load = np.array([s["expert_share"] for s in stats.values()])  # [layers, experts]
+                entropy = np.mean([s["router_entropy"] for s in stats.values()])
+                line += (f" | contrastive {sums['contrastive']:.4f} balance {sums['balance']:.4f} | expert load "
+                         f"max {load.max(1).mean():.2f} min {load.min(1).mean():.2f} router entropy {entropy:.2f}")
+            if rank == 0:
+                bar.write(line)
+                log_jsonl(record)
+            t0, tokens_seen = time.time(), 0
+        if step % args.save_interval == 0 or step == last_step:
+            save(step)
+    bar.close()
+    if step < total_steps:
+        log(f"stopped after step {step} of {total_steps} (--stop_after); continue with --resume")
+    return step == total_steps
+
+
+# -----------------------------------------------------------------------------------------------------
+# evaluation: greedy generation with the KV cache, graded as LLM-Adapters grades; and the answer loss
+
+@torch.no_grad()
+def evaluate(args, model, tok, test_examples, device, ctx, log):
+    out_dir = Path(args.out_dir)
+    model.eval()
+    # answer loss: mean cross-entropy of the reference answers given the prompt (teacher forcing)
+    pairs, n_trunc, _ = tokenize_dataset(tok, test_examples, model.args.max_seq_len)
+    loss_sum, n_tok = 0.0, 0
+    for i in range(0, len(pairs), args.eval_batch_size):
+        x, y = collate(pairs[i:i + args.eval_batch_size], tok.pad_id, device)
+        with ctx:
+            _, loss = model(x, y)
+        n = int((y != IGNORE_INDEX).sum())
+        loss_sum, n_tok = loss_sum + loss.item() * n, n_tok + n
+    answer_loss = loss_sum / max(1, n_tok)
+    # generation, longest prompts first so that a batch holds prompts of similar length
+    prompts = [eval_prompt_tokens(tok, ex) for ex in test_examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs = [None] * len(prompts)
+    for i in tqdm(range(0, len(order), args.eval_batch_size), desc=f"eval {args.task}", dynamic_ncols=True):
+        idx = order[i:i + args.eval_batch_size]
+        budget = min(args.max_new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
+        with ctx:
+            outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
+        for j, o in zip(idx, outs):
+            outputs[j] = tok.decode(o)
+    correct = 0
+    with open(out_dir / f"predictions_{args.task}.jsonl", "w") as f:
+        for ex, text in zip(test_examples, outputs):
+            ok = is_correct(args.task, text, ex["answer"])
+            correct += ok
+            f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted":
+                                extract_answer(args.task, text), "answer": ex["answer"], "correct": ok}) + "\n")
+    metrics = {"task": args.task, "accuracy": correct / len(test_examples), "correct": correct,
+               "n": len(test_examples), "answer_loss": answer_loss, "answer_perplexity": math.exp(answer_loss),
+               "model": args.model or "built-in tiny", "method": args.method}
+    (out_dir / f"metrics_{args.task}.json").write_text(json.dumps(metrics, indent=2))
+    log(f"{args.task}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(test_examples)}), answer loss "
+        f"{answer_loss:.4f} (perplexity {metrics['answer_perplexity']:.2f}); predictions in "
+        f"{out_dir / f'predictions_{args.task}.jsonl'}")
+    return metrics
+
+
+# -----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        if rank == 0:
+            tqdm.write(msg)
+
+    def log_jsonl(record):
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if args.batch_size % (world_size * args.micro_batch_size):
+        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch_size "
+                         f"{args.micro_batch_size} x {world_size} process(es)")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed + rank)
+
+    # precision: autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler); fp32 on CPU
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not cuda or args.dtype == "fp32":
+        amp_dtype = torch.float32
+    elif args.dtype == "auto":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    ctx = contextlib.nullcontext() if amp_dtype == torch.float32 else torch.autocast("cuda", dtype=amp_dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # a frozen base can be stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights
+    base_dtype = amp_dtype if args.method != "full" else torch.float32
+
+    try:
+        data_dir = find_data_dir(args.data_dir)
+        test_examples = load_split(args.task, "test", data_dir)
+        train_examples = [] if args.eval_only else load_split(args.task, "train", data_dir, args.train_file)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if args.eval_limit:
+        test_examples = test_examples[:args.eval_limit]
+
+    model_path = args.model
+    if model_path is None:
+        if rank == 0:
+            tiny_examples = train_examples or load_split(args.task, "train", data_dir, args.train_file)
+            build_tiny_base(out_dir, args.task, tiny_examples, args.pretrain_steps, args.seed, log)
+        if world_size > 1:
+            dist.barrier()  # the other processes wait for rank 0 to build the tiny base
+        model_path = out_dir / f"tiny_base_{args.task}"
+    try:
+        model = Transformer.from_pretrained(model_path, dtype=base_dtype, device=device)
+        tok = Tokenizer.from_dir(model_path)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise SystemExit(f"error: cannot load --model {model_path}: {e}")
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    log(f"base model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{base_dtype}, {device}, autocast {amp_dtype})")
+
+    if args.method == "full":
+        model.requires_grad_(True)
+    else:
+        try:
+            inject_moelora(model, moelora_config_from(args))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: {e}")
+        mark_only_moelora_as_trainable(model)
+        model.to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
+
+    if not args.eval_only:
+        pairs, n_trunc, n_drop = tokenize_dataset(tok, train_examples, min(args.max_seq_len, model.args.max_seq_len))
+        log(f"{len(train_examples)} training examples: {n_trunc} truncated to {args.max_seq_len} tokens, "
+            f"{n_drop} dropped (prompt alone over the cutoff)")
+        if not pairs:
+            raise SystemExit("error: no training example is left after tokenization")
+        if args.compile:
+            model = torch.compile(model)
+        if world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
+        finished = train(args, model, raw_model, tok, pairs, device, ctx, scaler, rank, world_size, log, log_jsonl)
+        if not finished:
+            return None
+    elif (out_dir / "ckpt.pt").exists():
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", raw_model, args, base_fingerprint(raw_model))
+        log(f"evaluating {out_dir / 'ckpt.pt'} (step {ckpt['step']})")
+    else:
+        log(f"no {out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
+
+    metrics = None
+    if rank == 0:
+        metrics = evaluate(args, raw_model, tok, test_examples, device, ctx, log)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
