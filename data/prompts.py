@@ -20,7 +20,7 @@ see the same prompt, and here they do by construction: eval_prompt_tokens() is e
 every training sequence.
 """
 
-IGNORE_INDEX = -100
+from model import IGNORE_INDEX  # -100: targets that add nothing to the loss
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
