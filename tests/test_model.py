@@ -370,3 +370,18 @@ def test_safetensors_reader_dtypes(tmp_path):
                           "a": {"dtype": "F32", "shape": [3, 4], "data_offsets": [2, 50]}},
                       b[:1].view(torch.int16).numpy().tobytes() + a.numpy().tobytes())
     assert torch.equal(read_safetensors(f)["a"], a)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model().train()
+    tokens, targets = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    _, loss = model(tokens, targets)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.grad_checkpointing = True
+    _, loss2 = model(tokens, targets)
+    loss2.backward()
+    assert loss2.item() == loss.item()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)
