@@ -47,7 +47,7 @@ Typical use:
 
 Choices made here (the paper does not pin them down):
 - gates: softmax over the k largest router logits. With top_k = 1 the gate is always 1, so the router
-  then learns only from the balance loss; one expert with top-1 is exactly plain LoRA.
+  then learns only from the balance loss. One expert is exactly plain LoRA, and has no router at all.
 - contrastive loss (supervised-contrastive form): each expert index is a class. From the (token, selected
   expert) pairs of a layer's batch, `contrastive_samples` are drawn; their features are the expert's own
   output z = B_i A_i dropout(x_t), before gating. Positives of an anchor are the same expert's outputs on
@@ -170,8 +170,9 @@ class MoELoRALinear(nn.Module):
         # (written out because kaiming_uniform_ on a 3-D tensor would take r * in as the fan-in)
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.lora_A, -bound, bound)
-        # nn.Linear's random init, not zeros: with all logits tied, top-k would send every token to experts 0..k-1
-        self.router = nn.Linear(self.in_features, N, bias=False, device=device)
+        # nn.Linear's random init, not zeros: with all logits tied, top-k would send every token to experts 0..k-1.
+        # One expert needs no router (its gate is always 1): that is plain LoRA, with LoRA's parameter count
+        self.router = nn.Linear(self.in_features, N, bias=False, device=device) if N > 1 else None
         self.dropout = nn.Dropout(config.lora_dropout)
         self.merged = False
         self.aux_contrastive = self.aux_balance = None  # weighted losses of the last forward (training only)
@@ -196,6 +197,9 @@ class MoELoRALinear(nn.Module):
             return result
         cfg, N, r = self.config, self.config.num_experts, self.config.r
         x2 = x.to(self.lora_A.dtype).reshape(-1, self.in_features)  # [M, in], M = number of tokens
+        if self.router is None:  # one expert: plain LoRA, B A dropout(x)
+            delta = F.linear(F.linear(self.dropout(x2), self.lora_A[0]), self.lora_B[0])  # [M, out]
+            return result + (self.scaling * delta).view(*x.shape[:-1], self.out_features).to(result.dtype)
         gates, top_idx, logits = self.route(x2)
         # All N experts at once are one LoRA of rank N*r whose rank blocks are scaled per token by the gate
         # (0 for unselected experts): two matmuls, the cost of the equal-parameter LoRA. Gathering the k
@@ -204,7 +208,7 @@ class MoELoRALinear(nn.Module):
         h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
         delta = F.linear(h_gated, self.experts_B())  # [M, out]
         self.last_logits, self.last_top_idx = logits.detach(), top_idx
-        if self.training and N > 1:
+        if self.training:
             if cfg.balance_weight > 0:
                 self.aux_balance = cfg.balance_weight * balance_loss(logits, top_idx, N)
             if cfg.contrastive_weight > 0:
@@ -290,8 +294,8 @@ def mark_only_moelora_as_trainable(model):
     for p in model.parameters():
         p.requires_grad = False
     for _, layer in moelora_layers(model):
-        for p in (layer.lora_A, layer.lora_B, layer.router.weight):
-            p.requires_grad = True
+        for p in layer.parameters(recurse=True):
+            p.requires_grad = p is not layer.weight and p is not layer.bias  # all but the frozen base
     return model
 
 
@@ -306,8 +310,9 @@ def moelora_state_dict(model):
     """Adapter and router weights only (detached), plus "moelora_config": the config as a plain dict."""
     sd = {}
     for name, layer in moelora_layers(model):
-        for key, p in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("router.weight", layer.router.weight)):
-            sd[f"{name}.{key}"] = p.detach().clone()
+        for key, p in layer.named_parameters():
+            if p is not layer.weight and p is not layer.bias:  # lora_A, lora_B, router.weight (N > 1)
+                sd[f"{name}.{key}"] = p.detach().clone()
     sd["moelora_config"] = asdict(moelora_config(model))
     return sd
 
