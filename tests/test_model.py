@@ -385,3 +385,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert loss2.item() == loss.item()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], msg=n)
+
+
+def test_cross_entropy_matches_torch_in_value_and_gradient():
+    from model import CrossEntropy
+    logits = torch.randn(40, 30, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (40,))
+    targets[::3] = IGNORE_INDEX
+    loss = CrossEntropy.apply(logits, targets)
+    (grad,) = torch.autograd.grad(loss * 1.7, logits)
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    (ref_grad,) = torch.autograd.grad(ref * 1.7, logits)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    assert torch.autograd.gradcheck(lambda l: CrossEntropy.apply(l, targets), (logits.detach().requires_grad_(),))
