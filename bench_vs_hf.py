@@ -5,6 +5,7 @@ This project against transformers + PEFT: the same LLaMA, the same work, measure
     python bench_vs_hf.py --rounds 3 --parts train --no_memory        # a quicker look
     python bench_vs_hf.py --profile                # also: where one training step of each contender spends its time
     python bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 [--compile] [--grad_checkpointing]
+                                                   # (the CUDA path is untested: no GPU was available when it was written)
 
 Both models are built with the same random weights: transformers' LlamaForCausalLM(LlamaConfig(...)) is
 saved with save_pretrained and loaded by Transformer.from_pretrained (nothing is downloaded). Contenders
@@ -389,6 +390,7 @@ def main():
         torch.set_num_threads(args.threads)
     if args.child:
         return child_memory(args)
+    import peft
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -404,7 +406,7 @@ def main():
     peak = args.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if cuda else None)
 
     print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv))
-    print("machine:", machine() + (f", {torch.cuda.get_device_name()}" if cuda else "") + f", transformers {transformers.__version__}")
+    print("machine:", machine() + (f", {torch.cuda.get_device_name()}" if cuda else "") + f", transformers {transformers.__version__}, peft {peft.__version__}")
     ours, hf = build_pair(args)
     margs = ours.args
     print(f"model: LLaMA dim {margs.dim}, {margs.n_layers} layers, {margs.n_heads} heads, FFN {ffn_hidden_dim(margs)}, "
