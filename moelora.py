@@ -119,7 +119,9 @@ class MoELoRAConfig:
 def balance_loss(logits, top_idx, num_experts: int):
     """Switch Transformer load balancing. logits [M, N] router scores, top_idx [M, k] selected experts."""
     probs = logits.float().softmax(dim=-1)  # [M, N]
-    f = torch.bincount(top_idx.flatten(), minlength=num_experts).float() / top_idx.numel()  # [N], no gradient
+    # share of the k * M assignments each expert got; one_hot rather than bincount, whose data-dependent output
+    # size makes torch.compile split the graph at every layer
+    f = F.one_hot(top_idx.flatten(), num_experts).float().mean(dim=0)  # [N], no gradient
     P = probs.mean(dim=0)  # [N], the differentiable half
     return num_experts * (f * P).sum()
 
@@ -128,11 +130,11 @@ def contrastive_loss(dots, labels, temperature: float, norm_floor: float):
     """Supervised contrastive loss from dot products. dots [S, S] = z @ z.T of the features z [S, d],
     labels [S] the expert index of each feature. Taking dots rather than z lets the caller form them cheaply."""
     S = dots.shape[0]
+    if S < 2:  # a lone feature has neither positives nor negatives (a shape test: compiles without a break)
+        return dots.sum() * 0.0
     self_mask = torch.eye(S, dtype=torch.bool, device=dots.device)
     pos = (labels[:, None] == labels[None, :]) & ~self_mask  # [S, S] same expert, another token
-    has_pos = pos.any(dim=1)  # [S]
-    if not has_pos.any():  # every sampled expert appears once: nothing to pull together
-        return dots.sum() * 0.0
+    has_pos = pos.any(dim=1)  # [S] anchors with a positive; the loss is 0 when there are none
     # cos = z_a.z_b / (max(|z_a|, f) max(|z_b|, f)), see COSINE_NORM_FLOOR; clamping |z|^2 before the square
     # root also keeps the gradient finite when z = 0 (B at its initial zeros)
     dots = dots.float()
@@ -141,7 +143,9 @@ def contrastive_loss(dots, labels, temperature: float, norm_floor: float):
     # -log(exp(sim_ap) / sum_{n != a} exp(sim_an)) = lse_a - sim_ap, averaged over the positives p of a
     lse = sim.masked_fill(self_mask, float("-inf")).logsumexp(dim=1)  # [S], an anchor is not its own negative
     mean_pos_sim = (sim * pos).sum(dim=1) / pos.sum(dim=1).clamp(min=1)  # [S]
-    return (lse - mean_pos_sim)[has_pos].mean()
+    # the mean over anchors that have a positive, written without a branch or boolean indexing: both depend on
+    # the data and would split a torch.compile graph
+    return ((lse - mean_pos_sim) * has_pos).sum() / has_pos.sum().clamp(min=1)
 
 
 class MoELoRALinear(nn.Module):
@@ -221,7 +225,10 @@ class MoELoRALinear(nn.Module):
         cfg, N, r = self.config, self.config.num_experts, self.config.r
         M, k = top_idx.shape
         S = min(cfg.contrastive_samples, M * k)
-        pick = torch.randperm(M * k, device=h.device)[:S]  # distinct (token, slot) pairs
+        if S < M * k:
+            pick = torch.randperm(M * k, device=h.device)[:S]  # S distinct (token, slot) pairs
+        else:  # all pairs; also sidesteps an inductor bug (torch 2.13) on randperm used whole as an index
+            pick = torch.arange(M * k, device=h.device)
         token, expert = pick // k, top_idx.reshape(-1)[pick]  # [S], [S]
         # z = B_e A_e x_t for the sampled pairs: keep the chosen expert's rank block of the code and zero the
         # others (a one-hot gate), then z = codes @ B_all^T with the experts' B side by side [out, N*r]

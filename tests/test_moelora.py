@@ -373,6 +373,34 @@ def test_llama_from_model_py():
     assert model.tok_embeddings.weight.grad is None
 
 
+def test_torch_compile_one_graph_and_same_loss_and_gradients():
+    # A graph break in every adapted layer would undo much of what torch.compile buys on a GPU; ops whose
+    # output shape depends on the data (bincount, boolean indexing) and branches on tensor values cause them.
+    # 16 tokens x top-2 = 32 pairs <= 64 samples: the contrastive loss takes every pair, so eager and compiled
+    # draw no random numbers and must agree. (This case once crashed torch 2.13's inductor: a whole randperm
+    # used as an index; moelora.py takes arange there.)
+    torch.manual_seed(0)
+    model = mark_only_moelora_as_trainable(inject_moelora(TinyNet(), small_config(contrastive_samples=64)))
+    randomize_B(model)
+    model.train()
+    x = torch.randn(2, 8, 16)
+
+    def loss_fn(x):
+        return model(x).square().mean() + sum(moelora_aux_losses(model).values())
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss_fn)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    eager = loss_fn(x)
+    eager_grads = torch.autograd.grad(eager, trainable)
+    compiled = torch.compile(loss_fn)(x)
+    compiled_grads = torch.autograd.grad(compiled, trainable)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for g_compiled, g_eager in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-4)
+
+
 def test_hugging_face_llama_names():
     transformers = pytest.importorskip("transformers", reason="transformers not installed")
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
