@@ -71,11 +71,12 @@ def machine():
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def make_step(model, tokens, targets, with_aux):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+def make_step(model, loss_fn, with_aux):
+    """One training step: loss_fn() -> loss, plus MoELoRA's auxiliary losses if with_aux, backward, AdamW."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        _, loss = model(tokens, targets)
+        loss = loss_fn()
         if with_aux:
             loss = loss + sum(moelora_aux_losses(model).values())
         loss.backward()
@@ -166,7 +167,7 @@ def main():
         "moelora-cl0": mark_only_moelora_as_trainable(inject_moelora(copy.deepcopy(base), MoELoRAConfig(**{**vars(moe), "contrastive_weight": 0.0}))),
     }
     del base
-    steps = {name: make_step(m, tokens, targets, with_aux=name != "lora-r32") for name, m in models.items()}
+    steps = {name: make_step(m, lambda m=m: m(tokens, targets)[1], with_aux=name != "lora-r32") for name, m in models.items()}
     for name, m in models.items():
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         router = sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "router" in n)

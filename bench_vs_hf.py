@@ -50,7 +50,7 @@ import warnings
 
 import torch
 
-from bench_moelora import machine, timed
+from bench_moelora import machine, make_step, timed
 from model import IGNORE_INDEX, ModelArgs, Transformer, ffn_hidden_dim
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
 
@@ -192,19 +192,6 @@ def hf_loss(model, tokens):
     return model(input_ids=tokens, labels=tokens, use_cache=False).loss  # transformers shifts the labels itself
 
 
-def make_train_step(model, loss_fn, with_aux, tokens, lr=1e-5):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def step():
-        loss = loss_fn(model, tokens)
-        if with_aux:
-            loss = loss + sum(moelora_aux_losses(model).values())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 # -----------------------------------------------------------------------------------------------------
 # timing: alternate the contenders, quote medians
 
@@ -269,7 +256,7 @@ def child_memory(args):
         model = (Transformer(margs) if ours else transformers.LlamaForCausalLM(hf_config(margs))).to(args.torch_dtype)
     model, loss_fn, aux = make_contender(args.child, args, model, model)
     tokens = torch.randint(3, margs.vocab_size, (args.batch, args.seq), device=args.device)
-    step = make_train_step(model, loss_fn, aux, tokens)
+    step = make_step(model, lambda: loss_fn(model, tokens), aux)
     out = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -315,7 +302,8 @@ def bench_train(args, ours, hf, sync):
     tokens = torch.randint(3, margs.vocab_size, (args.batch, args.seq), device=args.device,
                            generator=torch.Generator(args.device).manual_seed(1))
     contenders = {name: make_contender(name, args, ours, hf) for name in contender_names(args.methods)}
-    steps = {name: make_train_step(m, loss_fn, aux, tokens) for name, (m, loss_fn, aux) in contenders.items()}
+    steps = {name: make_step(m, lambda m=m, loss_fn=loss_fn: loss_fn(m, tokens), aux)
+             for name, (m, loss_fn, aux) in contenders.items()}
     trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _, _) in contenders.items()}
     times = alternate(steps, args.rounds, args.warmup, sync)
     if args.profile:
@@ -383,6 +371,15 @@ def bench_eval(args, ours, hf, sync):
 
 
 # -----------------------------------------------------------------------------------------------------
+
+def print_throughput(times, reference, n_tokens, unit, fmt):
+    """A table of s/batch, tokens/s and speed relative to the `reference` contender."""
+    print(f"| contender | s/batch | {unit} | vs transformers |\n| --- | --- | --- | --- |")
+    ref_wall = median_wall(times[reference])
+    for name, t in times.items():
+        wall = median_wall(t)
+        print(f"| {name} | {wall:.3f} | {fmt.format(n_tokens / wall)} | {ref_wall / wall:.2f}x as fast |")
+
 
 def main():
     args = parse_args()
@@ -455,19 +452,13 @@ def main():
         new = args.gen_batch * args.max_new_tokens
         print(f"\ngreedy generation, {args.gen_batch} prompts of {args.prompt_lo}-{args.prompt_hi} tokens (left-padded), "
               f"{args.max_new_tokens} new tokens each; the same tokens in {same}/{n} sequences:\n")
-        print("| contender | s/batch | new tokens/s | vs transformers |\n| --- | --- | --- | --- |")
-        hf_wall = median_wall(times["transformers (generate)"])
-        for name, t in times.items():
-            print(f"| {name} | {median_wall(t):.3f} | {new / median_wall(t):,.1f} | {hf_wall / median_wall(t):.2f}x as fast |")
+        print_throughput(times, "transformers (generate)", new, "new tokens/s", "{:,.1f}")
 
     if "eval" in args.parts:
         times, n_tokens, losses = bench_eval(args, ours, hf, sync)
         print(f"\nevaluation: loss on {args.eval_batch} prompts of {args.prompt_lo}-{args.prompt_hi} tokens ({n_tokens:,} tokens, "
               f"right-padded), inference mode; loss ours {losses['ours']:.5f}, transformers {losses['transformers']:.5f}:\n")
-        print("| contender | s/batch | tokens/s | vs transformers |\n| --- | --- | --- | --- |")
-        hf_wall = median_wall(times["transformers"])
-        for name, t in times.items():
-            print(f"| {name} | {median_wall(t):.3f} | {n_tokens / median_wall(t):,.0f} | {hf_wall / median_wall(t):.2f}x as fast |")
+        print_throughput(times, "transformers", n_tokens, "tokens/s", "{:,.0f}")
 
 
 if __name__ == "__main__":
