@@ -35,7 +35,8 @@ Public API
                                    already weighted; add them to the language-model loss
     moelora_routing_stats(model)   {layer name: {"expert_share": [N floats], "router_entropy": float}}
     merge_moelora(model) / unmerge_moelora(model)
-    helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), balance_loss, contrastive_loss
+    helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), expert_share, balance_loss,
+             contrastive_loss
 
 Typical use:
     model = Transformer(args)                          # load the base checkpoint before or after:
@@ -116,12 +117,16 @@ class MoELoRAConfig:
                 raise ValueError(f"MoELoRAConfig: {msg}")
 
 
+def expert_share(top_idx, num_experts: int):
+    """top_idx [M, k] selected experts -> [N] share of the M * k (token, slot) assignments each expert got.
+    one_hot rather than bincount, whose data-dependent output size makes torch.compile split the graph."""
+    return F.one_hot(top_idx.flatten(), num_experts).float().mean(dim=0)
+
+
 def balance_loss(logits, top_idx, num_experts: int):
     """Switch Transformer load balancing. logits [M, N] router scores, top_idx [M, k] selected experts."""
     probs = logits.float().softmax(dim=-1)  # [M, N]
-    # share of the k * M assignments each expert got; one_hot rather than bincount, whose data-dependent output
-    # size makes torch.compile split the graph at every layer
-    f = F.one_hot(top_idx.flatten(), num_experts).float().mean(dim=0)  # [N], no gradient
+    f = expert_share(top_idx, num_experts)  # [N], no gradient
     P = probs.mean(dim=0)  # [N], the differentiable half
     return num_experts * (f * P).sum()
 
@@ -253,14 +258,18 @@ class MoELoRALinear(nn.Module):
                 "the input, so the adapter is no fixed matrix; only num_experts=1, top_k=1 (plain LoRA) merges")
         if not self.merged:
             with torch.no_grad():
-                self.weight += (self.scaling * self.lora_B[0] @ self.lora_A[0]).to(self.weight.dtype)
+                self.weight += self.lora_delta_weight()
             self.merged = True
 
     def unmerge(self):
         if self.merged:
             with torch.no_grad():
-                self.weight -= (self.scaling * self.lora_B[0] @ self.lora_A[0]).to(self.weight.dtype)
+                self.weight -= self.lora_delta_weight()
             self.merged = False
+
+    def lora_delta_weight(self):
+        # [out, in]: the single expert's update scaling * B A, in the base weight's dtype
+        return (self.scaling * self.lora_B[0] @ self.lora_A[0]).to(self.weight.dtype)
 
     def extra_repr(self):
         c = self.config
@@ -372,7 +381,7 @@ def moelora_routing_stats(model):
         if layer.last_logits is None:
             continue
         N = layer.config.num_experts
-        share = torch.bincount(layer.last_top_idx.flatten(), minlength=N).float() / layer.last_top_idx.numel()
+        share = expert_share(layer.last_top_idx, N)
         logp = layer.last_logits.float().log_softmax(dim=-1)  # [M, N]
         entropy = -(logp.exp() * logp).sum(dim=-1).mean()
         stats[name] = {"expert_share": share.tolist(), "router_entropy": entropy.item()}
