@@ -332,7 +332,8 @@ def train(args, model, raw_model, tok, train_pairs, device, ctx, scaler, rank, w
         lr = get_lr(step, args.lr, args.warmup_steps, total_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        sums = {"lm": 0.0, "contrastive": 0.0, "balance": 0.0}
+        # logged losses stay on the device until the step ends: one host sync per step, not several per micro-batch
+        sums = {k: torch.zeros((), device=device) for k in ("lm", "contrastive", "balance")}
         for j, mb in enumerate(micro_batches):
             x, y = collate(mb, tok.pad_id, device)
             sync = j == len(micro_batches) - 1  # DDP all-reduces gradients only on the last micro-batch
@@ -342,13 +343,15 @@ def train(args, model, raw_model, tok, train_pairs, device, ctx, scaler, rank, w
                 # DDP averages gradients over processes, hence the world_size factor
                 loss = lm_loss * (n_targets[j] * world_size / global_targets)
                 loss = loss + sum(aux.values()) / len(micro_batches)
-            if not torch.isfinite(loss):
-                stop_non_finite(f"the loss is {loss.item()} (lm {lm_loss.item()})", step)
             scaler.scale(loss).backward()
-            sums["lm"] += lm_loss.item() * n_targets[j] / max(1, sum(n_targets))
+            sums["lm"] += lm_loss.detach().float() * (n_targets[j] / max(1, sum(n_targets)))
             for k, v in aux.items():
-                sums[k] += v.item() / len(micro_batches)
+                sums[k] += v.detach().float() / len(micro_batches)
             tokens_seen += x.numel()
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        if not all(map(math.isfinite, sums.values())):  # stopped before the optimizer step: the weights are still finite
+            stop_non_finite(f"the loss is not finite (lm {sums['lm']}, contrastive {sums['contrastive']}, "
+                            f"balance {sums['balance']})", step)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
