@@ -2,7 +2,7 @@
 # The runs behind tutorial.md's results (CPU, about 30 minutes on 2 cores):
 #   bash tutorial/runs.sh [out_root]        (default out/tutorial; data from --data_dir / MOELORA_DATA_DIR)
 # 1. the default job exactly as a user runs it, timed; it builds the built-in tiny base
-# 2. on that same base, for 3 seeds: LoRA rank 32, MoELoRA 8 x rank 4 top-2, and MoELoRA without the
+# 2. that base alone, graded; then on that base, for 3 seeds: LoRA rank 32, MoELoRA 8 x rank 4 top-2, MoELoRA without the
 #    contrastive loss, at equal trainable parameters (the router adds 8 x d_in per adapted layer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,8 @@ echo "default run: $(( $(date +%s) - start )) s" | tee "$OUT/default_time.txt"
 # the tiny defaults of train.py, spelt out because --model switches to the defaults for real checkpoints
 TINY=(--model "$OUT/default/tiny_base_gsm8k" --lr 3e-3 --max_steps 80 --batch_size 16 --micro_batch_size 16
       --max_seq_len 384 --eval_batch_size 64 --max_new_tokens 160 --warmup_steps 10 --log_interval 5)
+# the base alone, graded the same way (no checkpoint in the directory: --eval_only grades the bare base)
+python train.py --task gsm8k "${TINY[@]}" --eval_only --out_dir "$OUT/base"
 for seed in 1 2 3; do
   python train.py --task gsm8k "${TINY[@]}" --seed $seed --method lora --r 32 --out_dir "$OUT/lora_s$seed"
   python train.py --task gsm8k "${TINY[@]}" --seed $seed --method moelora --out_dir "$OUT/moelora_s$seed"
