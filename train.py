@@ -79,7 +79,7 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype on CUDA; auto = bf16 if supported, else fp16 (CPU: fp32)")
     a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
     a("--compile", action="store_true", help="torch.compile the model for training")
-    a("--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
     a("--eval_only", action="store_true", help="no training: grade out_dir/ckpt.pt if it exists, else the base model")
     a("--eval_limit", type=int, default=None, help="grade only the first N test examples")
     a("--eval_batch_size", type=int, default=None, help="prompts per generation batch (default 16; tiny 64)")
