@@ -28,23 +28,27 @@ Public API
                                    balance_weight
     MoELoRALinear(base, config)    wraps one nn.Linear; .merge() / .unmerge() (only for 1 expert, top-1)
     inject_moelora(model, config)  wraps every nn.Linear whose attribute name is in target_modules
+                                   (refuses layers their parent would bypass: see inject_moelora)
     mark_only_moelora_as_trainable(model)
-    moelora_state_dict(model)      adapter + router weights and a "moelora_config" dict (megabytes)
-    load_moelora_state_dict(model, state_dict)   strict: keys, shapes and config must match
+    moelora_token_mask(model, mask)   context manager: losses and statistics over real tokens only (padding out)
     moelora_aux_losses(model)      {"contrastive": tensor, "balance": tensor} of the last forward,
                                    already weighted; add them to the language-model loss
-    moelora_routing_stats(model)   {layer name: {"expert_share": [N floats], "router_entropy": float}}
+    moelora_routing_stats(model)   {layer name: {"expert_share": [N floats], "router_entropy": float, "tokens": int}}
+    save_moelora(model, path) / load_moelora(model, path)   adapters + routers + config as .safetensors (no pickle)
+    moelora_state_dict(model)      adapter + router weights and a "moelora_config" dict (megabytes)
+    load_moelora_state_dict(model, state_dict)   strict: keys, shapes and config must match
     merge_moelora(model) / unmerge_moelora(model)
-    helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), expert_share, balance_loss,
-             contrastive_loss
+    helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), read_moelora_file(path),
+             expert_share, balance_loss, contrastive_loss
 
 Typical use:
     model = Transformer(args)                          # load the base checkpoint before or after:
     inject_moelora(model, MoELoRAConfig())             # state-dict keys of the base do not change
     mark_only_moelora_as_trainable(model)
-    logits, lm_loss = model(tokens, targets)
+    with moelora_token_mask(model, tokens != pad_id):   # [batch, seq]: padding is not routed into the losses
+        logits, lm_loss = model(tokens, targets)
     loss = lm_loss + sum(moelora_aux_losses(model).values())   # right after each forward
-    torch.save(moelora_state_dict(model), "adapter.pt")
+    save_moelora(model, "adapter.safetensors")          # later: load_moelora(base_model, "adapter.safetensors")
 
 Choices made here (the paper does not pin them down):
 - gates: softmax over the k largest router logits. With top_k = 1 the gate is always 1, so the router
@@ -60,10 +64,29 @@ Choices made here (the paper does not pin them down):
   assignments that went to expert i, P_i = mean router probability of expert i. It is 1 when balanced.
 - both are multiplied by their weights and averaged over the adapted layers, so a weight means the same
   whatever the number of layers. They are not computed at all in eval mode, with a weight of 0, or with
-  a single expert (where they are constants).
+  a single expert (where they are constants). Under moelora_token_mask both count real tokens only.
+
+The balance loss next to the peers' (read in their code: transformers 5.23 models/mixtral, MixLoRA in
+TUDB-Labs/MoE-PEFT, GCYZSL/MoLA). All are N * sum_i f_i P_i with a softmax over all N experts, but:
+                  f sums to  balanced   layers combined                 padding          default weight
+    here          1          1          mean of per-layer losses        token mask       0.01
+    HF Mixtral    top_k      top_k      pooled: one f and one P over    attention_mask   0.001
+                                        the tokens of all layers
+    MixLoRA       top_k      top_k      pooled, as Mixtral              attention_mask   0.001
+    MoLA          1          n_layers   sum of per-layer losses         counted          0.001, off by default
+Their numbers from ours: Mixtral's and MixLoRA's is top_k * balance_loss() of every layer's last_logits,
+last_top_idx and last_real concatenated (tutorial.md section 5 has the function). That equals top_k times our
+unweighted loss only when all layers route alike: pooling hides imbalance (four layers that each send every token
+to their own pair of experts read as balanced there, and as 4 per layer here). MoLA's is n_layers times ours.
+With the default weights, ours (0.01 x loss) presses 5x harder towards balance than Mixtral's (0.001 x 2 x loss).
 """
 
+import contextlib
+import json
 import math
+import os
+import struct
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -117,28 +140,45 @@ class MoELoRAConfig:
                 raise ValueError(f"MoELoRAConfig: {msg}")
 
 
-def expert_share(top_idx, num_experts: int):
-    """top_idx [M, k] selected experts -> [N] share of the M * k (token, slot) assignments each expert got.
-    one_hot rather than bincount, whose data-dependent output size makes torch.compile split the graph."""
-    return F.one_hot(top_idx.flatten(), num_experts).float().mean(dim=0)
+def token_mean(values, real=None):
+    """values [M, ...] -> their mean over the M tokens, or over the real ones only when real [M] (bool) is given.
+    Multiplies by the mask instead of indexing with it: a boolean index has a data-dependent size, which makes
+    torch.compile split the graph."""
+    if real is None:
+        return values.mean(dim=0)
+    weight = real.to(values.dtype).view(-1, *[1] * (values.dim() - 1))  # [M, 1, ...]
+    return (values * weight).sum(dim=0) / weight.sum().clamp(min=1)
 
 
-def balance_loss(logits, top_idx, num_experts: int):
-    """Switch Transformer load balancing. logits [M, N] router scores, top_idx [M, k] selected experts."""
+def expert_share(top_idx, num_experts: int, real=None):
+    """top_idx [M, k] selected experts -> [N] share of the (token, slot) assignments each expert got, counting
+    the real tokens only when real [M] is given. one_hot rather than bincount, whose data-dependent output size
+    makes torch.compile split the graph."""
+    chosen = F.one_hot(top_idx, num_experts).float().sum(dim=1)  # [M, N] 1 where a token chose the expert
+    return token_mean(chosen, real) / top_idx.shape[1]
+
+
+def balance_loss(logits, top_idx, num_experts: int, real=None):
+    """Switch Transformer load balancing. logits [M, N] router scores, top_idx [M, k] selected experts,
+    real [M] (optional) True for the tokens that count. Balanced: 1. How it compares with Mixtral's, MixLoRA's
+    and MoLA's numbers: see "The balance loss next to the peers'" above."""
     probs = logits.float().softmax(dim=-1)  # [M, N]
-    f = expert_share(top_idx, num_experts)  # [N], no gradient
-    P = probs.mean(dim=0)  # [N], the differentiable half
+    f = expert_share(top_idx, num_experts, real)  # [N], no gradient
+    P = token_mean(probs, real)  # [N], the differentiable half
     return num_experts * (f * P).sum()
 
 
-def contrastive_loss(dots, labels, temperature: float, norm_floor: float):
+def contrastive_loss(dots, labels, temperature: float, norm_floor: float, real=None):
     """Supervised contrastive loss from dot products. dots [S, S] = z @ z.T of the features z [S, d],
-    labels [S] the expert index of each feature. Taking dots rather than z lets the caller form them cheaply."""
+    labels [S] the expert index of each feature, real [S] (optional) False for features of padding, which are
+    then neither anchors, positives nor negatives. Taking dots rather than z lets the caller form them cheaply."""
     S = dots.shape[0]
     if S < 2:  # a lone feature has neither positives nor negatives (a shape test: compiles without a break)
         return dots.sum() * 0.0
     self_mask = torch.eye(S, dtype=torch.bool, device=dots.device)
     pos = (labels[:, None] == labels[None, :]) & ~self_mask  # [S, S] same expert, another token
+    if real is not None:
+        pos = pos & real[:, None] & real[None, :]
     has_pos = pos.any(dim=1)  # [S] anchors with a positive; the loss is 0 when there are none
     # cos = z_a.z_b / (max(|z_a|, f) max(|z_b|, f)), see COSINE_NORM_FLOOR; clamping |z|^2 before the square
     # root also keeps the gradient finite when z = 0 (B at its initial zeros)
@@ -146,11 +186,20 @@ def contrastive_loss(dots, labels, temperature: float, norm_floor: float):
     norms = dots.diagonal().clamp(min=norm_floor ** 2).sqrt()  # [S] max(|z|, f)
     sim = dots / (norms[:, None] * norms[None, :] * temperature)  # [S, S] cos / tau
     # -log(exp(sim_ap) / sum_{n != a} exp(sim_an)) = lse_a - sim_ap, averaged over the positives p of a
+    if real is not None:  # padding is no negative: the lowest finite value rather than -inf, so that a row with
+        # no real column stays finite (its anchor has no positive and is multiplied by 0 below)
+        sim = sim.masked_fill(~real[None, :], torch.finfo(sim.dtype).min)
     lse = sim.masked_fill(self_mask, float("-inf")).logsumexp(dim=1)  # [S], an anchor is not its own negative
     mean_pos_sim = (sim * pos).sum(dim=1) / pos.sum(dim=1).clamp(min=1)  # [S]
     # the mean over anchors that have a positive, written without a branch or boolean indexing: both depend on
     # the data and would split a torch.compile graph
     return ((lse - mean_pos_sim) * has_pos).sum() / has_pos.sum().clamp(min=1)
+
+
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward pass. A module's forward runs then only when activation checkpointing
+    recomputes it. (The test PyTorch's own FSDP and module tracker use.)"""
+    return torch._C._current_graph_task_id() != -1
 
 
 class MoELoRALinear(nn.Module):
@@ -184,8 +233,11 @@ class MoELoRALinear(nn.Module):
         self.router = nn.Linear(self.in_features, N, bias=False, device=device) if N > 1 else None
         self.dropout = nn.Dropout(config.lora_dropout)
         self.merged = False
+        self.token_mask = None  # [leading dims of x] bool, True for real tokens: set by moelora_token_mask
         self.aux_contrastive = self.aux_balance = None  # weighted losses of the last forward (training only)
-        self.last_logits = self.last_top_idx = None  # detached routing of the last forward, for statistics
+        # the last forward's routing (detached) and which of its M tokens were real, for statistics
+        self.last_logits = self.last_top_idx = self.last_real = None
+        self.has_run = False  # set by the first forward: moelora_aux_losses warns about layers a model bypasses
 
     def route(self, x):
         """x [M, in] -> gates [M, N] (k non-zero per row, summing to 1), top_idx [M, k], logits [M, N]."""
@@ -199,12 +251,29 @@ class MoELoRALinear(nn.Module):
         # [N, out, r] -> [out, N*r]: the experts' B side by side, so that one matmul applies all of them
         return self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
 
+    def real_tokens(self, x):
+        """[M] bool, True for the tokens of x [.., in] that the losses and statistics count; None = all."""
+        if self.token_mask is None:
+            if self.last_real is not None and in_backward_pass():
+                # activation checkpointing reruns this forward during backward, after the `with
+                # moelora_token_mask` has ended: the rerun must see the mask of the forward it repeats
+                return self.last_real
+            return None
+        if self.token_mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"moelora_token_mask: the mask has shape {tuple(self.token_mask.shape)}, but an adapted layer got an "
+                f"input of shape {tuple(x.shape)}: the mask must have the input's leading dims {tuple(x.shape[:-1])} "
+                "(one entry per token, True for real tokens)")
+        return self.token_mask.reshape(-1)
+
     def forward(self, x):
         result = F.linear(x, self.weight, self.bias)
         self.aux_contrastive = self.aux_balance = None
+        self.has_run = True
         if self.merged:
             return result
         cfg, N, r = self.config, self.config.num_experts, self.config.r
+        real = self.real_tokens(x)  # [M] or None; only the losses and statistics read it, never the output
         x2 = x.to(self.lora_A.dtype).reshape(-1, self.in_features)  # [M, in], M = number of tokens
         if self.router is None:  # one expert: plain LoRA, B A dropout(x)
             delta = F.linear(F.linear(self.dropout(x2), self.lora_A[0]), self.lora_B[0])  # [M, out]
@@ -216,24 +285,31 @@ class MoELoRALinear(nn.Module):
         h = F.linear(self.dropout(x2), self.lora_A.reshape(N * r, -1))  # [M, N*r] every expert's code A_i x
         h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
         delta = F.linear(h_gated, self.experts_B())  # [M, out]
-        self.last_logits, self.last_top_idx = logits.detach(), top_idx
+        self.last_logits, self.last_top_idx, self.last_real = logits.detach(), top_idx, real
         if self.training:
             if cfg.balance_weight > 0:
-                self.aux_balance = cfg.balance_weight * balance_loss(logits, top_idx, N)
+                self.aux_balance = cfg.balance_weight * balance_loss(logits, top_idx, N, real)
             if cfg.contrastive_weight > 0:
-                self.aux_contrastive = cfg.contrastive_weight * self.sampled_contrastive_loss(h, top_idx)
+                self.aux_contrastive = cfg.contrastive_weight * self.sampled_contrastive_loss(h, top_idx, real)
         delta = (self.scaling * delta).view(*x.shape[:-1], self.out_features)
         return result + delta.to(result.dtype)
 
-    def sampled_contrastive_loss(self, h, top_idx):
-        """h [M, N*r] expert codes A_i x (before gating), top_idx [M, k]: contrastive loss on sampled pairs."""
+    def sampled_contrastive_loss(self, h, top_idx, real=None):
+        """h [M, N*r] expert codes A_i x (before gating), top_idx [M, k], real [M] (optional) True for the tokens
+        that count: the contrastive loss on sampled (token, selected expert) pairs."""
         cfg, N, r = self.config, self.config.num_experts, self.config.r
         M, k = top_idx.shape
         S = min(cfg.contrastive_samples, M * k)
-        if S < M * k:
-            pick = torch.randperm(M * k, device=h.device)[:S]  # S distinct (token, slot) pairs
-        else:  # all pairs; also sidesteps an inductor bug (torch 2.13) on randperm used whole as an index
+        if S == M * k:  # all pairs (a whole random permutation used as an index crashed torch 2.13's inductor)
             pick = torch.arange(M * k, device=h.device)
+        else:
+            # S distinct pairs, uniformly: a random key per pair and the S smallest keys. Under a token mask the
+            # keys of padding are raised above every real one, so padding is drawn only if there are fewer real
+            # pairs than S (contrastive_loss then leaves it out). A fixed S keeps shapes static: no graph break
+            keys = torch.rand(M, k, device=h.device)  # [M, k]
+            if real is not None:
+                keys = keys + 2.0 * ~real[:, None]  # real in [0, 1), padding in [2, 3)
+            pick = keys.flatten().topk(S, largest=False).indices
         token, expert = pick // k, top_idx.reshape(-1)[pick]  # [S], [S]
         # z = B_e A_e x_t for the sampled pairs: keep the chosen expert's rank block of the code and zero the
         # others (a one-hot gate), then z = codes @ B_all^T with the experts' B side by side [out, N*r]
@@ -243,7 +319,8 @@ class MoELoRALinear(nn.Module):
         # [N*r, N*r] Gram matrix of B they cost S*S*N*r multiply-adds instead of S*S*out (found by profiling)
         B_all = self.experts_B()  # [out, N*r]
         dots = codes @ (B_all.T @ B_all) @ codes.T  # [S, S] = z @ z.T
-        return contrastive_loss(dots, expert, cfg.contrastive_temperature, COSINE_NORM_FLOOR)
+        return contrastive_loss(dots, expert, cfg.contrastive_temperature, COSINE_NORM_FLOOR,
+                                None if real is None else real[token])
 
     def merge(self):
         """Fold the adapter into the weight: exact only for one expert with top-1 (plain LoRA).
@@ -282,27 +359,70 @@ def moelora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELoRALinear)]
 
 
+# PyTorch modules that use a child nn.Linear's weight without calling the child: an adapter there would never run.
+# (parent type, child name) -> why, and what to do instead. nn.TransformerEncoderLayer's linear1/linear2 are not
+# here: its inference fast path skips them too, but inject_moelora switches that path off (keep_off_fast_path).
+BYPASSED_CHILDREN = {
+    (nn.MultiheadAttention, "out_proj"): "nn.MultiheadAttention reads out_proj.weight inside "
+    "F.multi_head_attention_forward and never calls out_proj, in training and in eval",
+}
+if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13
+    BYPASSED_CHILDREN[(nn.LinearCrossEntropyLoss, "linear")] = ("nn.LinearCrossEntropyLoss reads linear.weight "
+                                                                "inside F.linear_cross_entropy and never calls linear")
+
+
+def keep_off_fast_path(module, args):
+    """A forward pre-hook that does nothing. nn.TransformerEncoderLayer's inference fast path (eval mode, or no
+    gradient needed) reads linear1.weight and linear2.weight directly and would skip their adapters; PyTorch does
+    not take that path when a submodule has hooks, so this hook keeps the adapters in the computation."""
+    return None
+
+
 def inject_moelora(model, config: MoELoRAConfig):
     """Replace, in place, every nn.Linear whose attribute name is in config.target_modules. Returns model.
 
     Names match the last component of the module path: "wq" matches "layers.0.attention.wq".
-    Only layers that are called as modules are adapted: nn.MultiheadAttention, for one, reads
-    out_proj.weight directly, so an adapter on its out_proj would be bypassed.
+    Only layers that their parent calls as modules can be adapted. Inside PyTorch's own modules:
+    - nn.MultiheadAttention reads out_proj.weight directly (and keeps q, k, v in one in_proj_weight Parameter, no
+      nn.Linear), so targeting out_proj is refused with an error, as any entry of BYPASSED_CHILDREN is;
+    - nn.TransformerEncoderLayer's fast path would skip linear1/linear2 in eval mode: it is switched off for
+      adapted layers (keep_off_fast_path), and so is nn.TransformerEncoder's nested-tensor path above them.
+    Elsewhere, moelora_aux_losses warns about adapted layers that never ran in a training forward.
     """
     if moelora_layers(model):
         raise ValueError("the model already has MoELoRA layers: inject once, into the base model")
-    found, linear_names = [], set()
-    for parent in model.modules():
+    found, linear_names, refused = [], set(), []
+    for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 linear_names.add(name)
                 if name in config.target_modules:
                     found.append((parent, name, child))
+                    path = f"{parent_name}.{name}" if parent_name else name
+                    refused += [f"'{path}' ({why})" for (kind, child_name), why in BYPASSED_CHILDREN.items()
+                                if isinstance(parent, kind) and name == child_name]
     missing = [t for t in config.target_modules if t not in linear_names]
     if missing:
-        raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its nn.Linear names are {sorted(linear_names)}")
+        hint = ""
+        if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+            hint = ("; nn.MultiheadAttention keeps its q, k, v projections in one in_proj_weight Parameter, not in "
+                    "nn.Linear layers, so they cannot be adapted")
+        raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its nn.Linear names are "
+                         f"{sorted(linear_names)}{hint}")
+    if refused:
+        raise ValueError("cannot adapt " + "; ".join(refused) + ". An adapter there would never run and its "
+                         "parameters would never train. Leave these names out of target_modules (in "
+                         "nn.TransformerEncoderLayer / nn.TransformerDecoderLayer adapt linear1 and linear2), or "
+                         "use attention written with nn.Linear projections that it calls, as model.py's Attention")
     for parent, name, child in found:  # replaced after the walk: never modify a module tree while iterating it
-        setattr(parent, name, MoELoRALinear(child, config))
+        layer = MoELoRALinear(child, config)
+        setattr(parent, name, layer)
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            layer.register_forward_pre_hook(keep_off_fast_path)
+    for module in model.modules():
+        # nn.TransformerEncoder's nested-tensor path (eval, with a padding mask) would hand the adapters nested tensors
+        if isinstance(module, nn.TransformerEncoder) and any(isinstance(m, MoELoRALinear) for m in module.modules()):
+            module.use_nested_tensor = False
     return model
 
 
@@ -360,12 +480,99 @@ def load_moelora_state_dict(model, state_dict):
     return model
 
 
+# --- adapter files: safetensors (https://github.com/huggingface/safetensors), read and written here without pickle.
+# Layout: 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin,
+# end]}, "__metadata__": {str: str}}, then the raw little-endian tensor bytes (offsets count from the header's end).
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def save_moelora(model, path):
+    """Write the adapters and routers (moelora_state_dict) to a .safetensors file, with the MoELoRAConfig as JSON
+    in its metadata. Written beside the target and renamed: an interrupted save never leaves a truncated file."""
+    state = moelora_state_dict(model)
+    config = state.pop("moelora_config")
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, offset = {"__metadata__": {"format": "moelora", "moelora_config": json.dumps(config)}}, 0
+    for name, t in state.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces so that the data starts 8-byte aligned
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in state.values():
+            data = bytearray(t.nbytes)  # tensor -> bytes through a tensor over the buffer (no numpy needed)
+            torch.frombuffer(data, dtype=torch.uint8).copy_(t.contiguous().view(-1).view(torch.uint8).cpu())
+            f.write(data)
+    os.replace(tmp, path)
+
+
+def read_moelora_file(path):
+    """(MoELoRAConfig, {name: tensor}) from a file written by save_moelora. No code runs on load (no pickle)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    tensors = {}
+    try:
+        (n,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8:8 + n])
+        config = json.loads(header.pop("__metadata__")["moelora_config"])
+        data = blob[8 + n:]
+        for name, info in header.items():
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"'{name}' has offsets [{begin}, {end}] for shape {shape}, in {len(data)} bytes of data")
+            tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(shape)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a MoELoRA adapter file written by save_moelora, or it is damaged "
+                         f"({type(e).__name__}: {e})") from None
+    return MoELoRAConfig(**config), tensors
+
+
+def load_moelora(model, path):
+    """Load a file written by save_moelora. A model without MoELoRA layers is first injected with the file's config;
+    one that has them must match it. Strict, as load_moelora_state_dict. Returns model."""
+    config, tensors = read_moelora_file(path)
+    if not moelora_layers(model):
+        inject_moelora(model, config)
+    return load_moelora_state_dict(model, {**tensors, "moelora_config": asdict(config)})
+
+
+@contextlib.contextmanager
+def moelora_token_mask(model, mask):
+    """with moelora_token_mask(model, mask): forward. mask: bool, the leading dims of the adapted layers' inputs
+    (e.g. [batch, seq] for inputs [batch, seq, dim]), True for real tokens, False for padding.
+
+    Inside the with, every adapted layer computes the balance loss, the contrastive loss's samples and the routing
+    statistics over real tokens only (as Mixtral's and MixLoRA's balance losses read the attention mask). Outputs
+    never depend on the mask. With activation checkpointing, the backward may also come after the with: a forward
+    that is recomputed during backward reuses the mask of the forward it repeats.
+    Hugging Face models: moelora_token_mask(model, batch["attention_mask"].bool())."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"moelora_token_mask needs a bool tensor (True = real token), got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}; e.g. attention_mask.bool()")
+    layers = [layer for _, layer in moelora_layers(model)]
+    if not layers:
+        raise ValueError("the model has no MoELoRA layers: call inject_moelora first")
+    mask = mask.to(layers[0].lora_A.device)
+    previous = [layer.token_mask for layer in layers]
+    for layer in layers:
+        layer.token_mask = mask
+    try:
+        yield model
+    finally:
+        for layer, before in zip(layers, previous):
+            layer.token_mask = before
+
+
 def moelora_aux_losses(model):
     """{"contrastive", "balance"}: the last forward's auxiliary losses, already multiplied by their weights,
     averaged over the adapted layers. Zero tensors in eval mode or with a weight of 0 (nothing computed).
     Call it after every forward (e.g. inside a gradient-accumulation loop): the next forward replaces them."""
-    layers = [layer for _, layer in moelora_layers(model)]
+    named = moelora_layers(model)
+    layers = [layer for _, layer in named]
     zero = layers[0].lora_A.new_zeros(()) if layers else torch.zeros(())
+    check_aux_losses_can_train(named)
     out = {}
     for key, attr in (("contrastive", "aux_contrastive"), ("balance", "aux_balance")):
         values = [getattr(layer, attr) for layer in layers if getattr(layer, attr) is not None]
@@ -373,18 +580,41 @@ def moelora_aux_losses(model):
     return out
 
 
+def check_aux_losses_can_train(named_layers):
+    """Refuse losses that would silently train nothing, and warn about adapters that a model bypasses."""
+    if not torch.is_grad_enabled():
+        return  # logging, evaluation: nothing will be trained from these values
+    no_grad = [name for name, layer in named_layers if layer.router is not None and layer.router.weight.requires_grad
+               and any(v is not None and not v.requires_grad for v in (layer.aux_contrastive, layer.aux_balance))]
+    if no_grad:
+        raise RuntimeError(
+            f"the auxiliary losses of {len(no_grad)} adapted layer(s) (first: {no_grad[0]}) were computed without "
+            "gradient, though gradients are on now: their forward ran under torch.no_grad(). Reentrant activation "
+            "checkpointing does that (Hugging Face: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': True})); the contrastive and balance losses would then train nothing. Use "
+            "use_reentrant=False (transformers' default), or run the forward with gradients enabled")
+    training = [layer for _, layer in named_layers if layer.training]
+    skipped = [name for name, layer in named_layers if layer.training and not layer.has_run]
+    if skipped and len(skipped) < len(training):  # (Python shows a warning once per place by default)
+        warnings.warn(f"{len(skipped)} adapted layer(s) never ran a forward (first: {skipped[0]}), while others did: "
+                      "their parent module may use their weight without calling them (a fused fast path), or may not "
+                      "be used by this model's forward. Their adapters do not train; leave them out of target_modules")
+
+
 def moelora_routing_stats(model):
     """{layer name: {"expert_share": share of (token, slot) assignments per expert (N floats, summing to 1),
-    "router_entropy": mean per-token entropy of the router softmax, in nats (log N = uniform)}}, last forward."""
+    "router_entropy": mean per-token entropy of the router softmax, in nats (log N = uniform), "tokens": how many
+    tokens were counted}}, last forward; real tokens only when it ran under moelora_token_mask."""
     stats = {}
     for name, layer in moelora_layers(model):
         if layer.last_logits is None:
             continue
-        N = layer.config.num_experts
-        share = expert_share(layer.last_top_idx, N)
+        N, real = layer.config.num_experts, layer.last_real
+        share = expert_share(layer.last_top_idx, N, real)
         logp = layer.last_logits.float().log_softmax(dim=-1)  # [M, N]
-        entropy = -(logp.exp() * logp).sum(dim=-1).mean()
-        stats[name] = {"expert_share": share.tolist(), "router_entropy": entropy.item()}
+        entropy = token_mean(-(logp.exp() * logp).sum(dim=-1), real)
+        tokens = layer.last_logits.shape[0] if real is None else int(real.sum())
+        stats[name] = {"expert_share": share.tolist(), "router_entropy": entropy.item(), "tokens": tokens}
     return stats
 
 

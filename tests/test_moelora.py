@@ -1,5 +1,6 @@
 """Tests of moelora.py: tiny layers on CPU, seconds in all."""
 
+import contextlib
 import copy
 import io
 import math
@@ -279,7 +280,7 @@ def test_trains_a_model_that_is_not_ours():
     x, y = torch.randn(4, 6, 16), torch.randn(4, 6, 16)  # toy regression: fit fixed targets
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(40):  # train mode throughout: PyTorch's eval fast path reads linear1.weight directly
+    for _ in range(40):  # (eval mode and PyTorch's fast path: tests/test_other_models.py)
         mse = F.mse_loss(net(x), y)
         (mse + sum(moelora_aux_losses(net).values())).backward()
         opt.step()
@@ -416,3 +417,242 @@ def test_hugging_face_llama_names():
     assert torch.equal(out.logits, before)
     (out.loss + sum(moelora_aux_losses(model).values())).backward()
     assert model.model.layers[0].self_attn.v_proj.lora_B.grad.abs().sum() > 0
+
+
+# --- the token mask: padding out of the losses and the statistics ---------------------------------------------
+
+def padded_batch(lengths, dim=16, seed=0):
+    """x [B, T, dim] right-padded with junk that is not zero (so that it would count if it leaked in),
+    mask [B, T] True for real tokens, and the real tokens alone, x_real [sum(lengths), dim]."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    x = torch.randn(B, T, dim, generator=g)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
+    x = torch.where(mask[..., None], x, 3.0 + torch.randn(B, T, dim, generator=g))  # padding: shifted junk
+    return x, mask, x[mask]
+
+
+def losses_stats_and_grads(layer):
+    aux = [layer.aux_balance, layer.aux_contrastive]
+    grads = torch.autograd.grad(sum(aux), [layer.lora_A, layer.lora_B, layer.router.weight])
+    stats = moelora_routing_stats(layer)[""]
+    return aux, stats, grads
+
+
+def test_token_mask_padded_batch_equals_the_real_tokens_alone():
+    # 3 sequences of 5, 2 and 7 tokens padded to 7: 21 positions, 14 real. 21 x top-2 = 42 pairs <= 64 samples,
+    # so the contrastive loss takes every pair and draws no random numbers: both sides see the same pairs
+    layer = MoELoRALinear(nn.Linear(16, 16), small_config(contrastive_samples=64, contrastive_weight=0.5, balance_weight=0.3))
+    randomize_B(layer)
+    x, mask, x_real = padded_batch([5, 2, 7])
+    with moelora.moelora_token_mask(layer, mask):
+        y_masked = layer(x)
+    masked = losses_stats_and_grads(layer)
+    y = layer(x)  # the same padded batch without the mask: padding counts, and it changes the numbers
+    unmasked = losses_stats_and_grads(layer)
+    layer(x_real)  # the 14 real tokens alone, no padding anywhere
+    alone = losses_stats_and_grads(layer)
+    assert torch.equal(y_masked, y)  # outputs never depend on the mask
+    for a, b in zip(masked[0], alone[0]):
+        torch.testing.assert_close(a, b)
+    assert masked[1]["expert_share"] == pytest.approx(alone[1]["expert_share"], abs=1e-6)
+    assert masked[1]["router_entropy"] == pytest.approx(alone[1]["router_entropy"], abs=1e-6)
+    assert masked[1]["tokens"] == alone[1]["tokens"] == 14 and unmasked[1]["tokens"] == 21
+    for a, b in zip(masked[2], alone[2]):  # and the losses' gradients into A, B and the router
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(unmasked[0][0], alone[0][0]) and not torch.allclose(unmasked[0][1], alone[0][1])
+
+
+def test_token_mask_all_real_equals_no_mask_and_sampling_draws_real_tokens_only(monkeypatch):
+    layer = MoELoRALinear(nn.Linear(16, 16), small_config(contrastive_samples=8))  # 8 of 2 x 7 x 2 = 28 pairs: sampled
+    randomize_B(layer)
+    x, mask, _ = padded_batch([7, 3])
+    torch.manual_seed(5)
+    layer(x)
+    plain = [layer.aux_balance, layer.aux_contrastive]
+    torch.manual_seed(5)  # the same draws
+    with moelora.moelora_token_mask(layer, torch.ones(2, 7, dtype=torch.bool)):
+        layer(x)
+    torch.testing.assert_close([layer.aux_balance, layer.aux_contrastive], plain)
+    # under the real mask, the 8 sampled pairs are all real (10 real tokens = 20 real pairs)
+    seen = []
+    real_contrastive = moelora.contrastive_loss
+    monkeypatch.setattr(moelora, "contrastive_loss", lambda *a, **kw: seen.append(a[4]) or real_contrastive(*a, **kw))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        with moelora.moelora_token_mask(layer, mask):
+            layer(x)
+    assert len(seen) == 20 and all(r.shape == (8,) and r.all() for r in seen)
+    # fewer real pairs than samples: every real pair is drawn, padding fills up, and is left out of the loss
+    seen.clear()
+    with moelora.moelora_token_mask(layer, torch.tensor([[True] * 2 + [False] * 5, [True] + [False] * 6])):
+        layer(x)
+    assert seen[0].sum() == 6 and torch.isfinite(layer.aux_contrastive)
+
+
+def test_token_mask_errors_and_scope():
+    model = inject_moelora(TinyNet(), small_config())
+    x, mask, _ = padded_batch([4, 6])
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 5\).*input of shape \(2, 6, 16\).*leading dims \(2, 6\)"):
+        with moelora.moelora_token_mask(model, mask[:, :5]):
+            model(x)
+    with pytest.raises(TypeError, match="bool tensor.*attention_mask.bool()"):
+        with moelora.moelora_token_mask(model, mask.long()):
+            pass
+    with pytest.raises(ValueError, match="no MoELoRA layers"):
+        with moelora.moelora_token_mask(TinyNet(), mask):
+            pass
+    layers = [layer for _, layer in moelora.moelora_layers(model)]
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside the with still restores the layers
+        with moelora.moelora_token_mask(model, mask):
+            assert all(layer.token_mask is mask for layer in layers)
+            raise RuntimeError("boom")
+    assert all(layer.token_mask is None for layer in layers)
+    model(x)
+    assert all(s["tokens"] == 12 for s in moelora_routing_stats(model).values())  # outside: all tokens, as before
+
+
+def test_token_mask_in_our_llama_padding_gets_no_gradient_and_outputs_do_not_change():
+    # model.py's attention is causal and padding comes last, so real tokens never see it: under the mask, the
+    # auxiliary losses must send no gradient at all into the padded positions; without it they do
+    model_py = pytest.importorskip("model")
+    model = model_py.Transformer(model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32))
+    mark_only_moelora_as_trainable(inject_moelora(model, small_config(contrastive_samples=256)))
+    randomize_B(model)
+    tokens = torch.randint(1, 64, (3, 10))
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 4, 7])[:, None]
+    tokens[~mask] = 0
+
+    def aux_grad_at_inputs(use_mask):
+        embedded = []
+        hook = model.tok_embeddings.register_forward_hook(lambda m, i, out: embedded.append(out) or out.requires_grad_())
+        with moelora.moelora_token_mask(model, mask) if use_mask else contextlib.nullcontext():
+            logits, _ = model(tokens, tokens)
+        hook.remove()
+        (grad,) = torch.autograd.grad(sum(moelora_aux_losses(model).values()), embedded)
+        return logits, grad
+
+    logits_masked, grad_masked = aux_grad_at_inputs(True)
+    logits_plain, grad_plain = aux_grad_at_inputs(False)
+    assert torch.equal(logits_masked, logits_plain)
+    assert grad_masked[~mask].abs().max() == 0 and grad_masked[mask].abs().max() > 0
+    assert grad_plain[~mask].abs().max() > 0
+
+
+def test_token_mask_survives_activation_checkpointing_with_backward_after_the_with():
+    # checkpointing reruns each block's forward during backward, after the with has ended; the rerun must see the
+    # same mask, or autograd would get other saved tensors (an error at best, wrong gradients at worst)
+    model_py = pytest.importorskip("model")
+    args = model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
+    tokens = torch.randint(1, 64, (3, 10))
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 4, 7])[:, None]
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = model_py.Transformer(args)
+        mark_only_moelora_as_trainable(inject_moelora(model, small_config(contrastive_samples=16)))  # sampled pairs
+        randomize_B(model)
+        model.grad_checkpointing = checkpointing
+        torch.manual_seed(1)
+        with moelora.moelora_token_mask(model, mask):
+            _, loss = model(tokens, tokens)
+            loss = loss + sum(moelora_aux_losses(model).values())
+        loss.backward()  # outside the with
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_with_a_token_mask_one_graph():
+    model = mark_only_moelora_as_trainable(inject_moelora(TinyNet(n_layers=1), small_config(contrastive_samples=8)))
+    randomize_B(model)
+    x, mask, _ = padded_batch([8, 5])
+
+    def loss_fn(x):
+        with moelora.moelora_token_mask(model, mask):
+            out = model(x)
+        return out.square().mean() + sum(moelora_aux_losses(model).values())
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss_fn)(x)  # the sampled path (8 of 32 pairs) under the mask
+    assert explained.graph_break_count == 0, explained.break_reasons
+    # every pair taken: no random draw, so a compiled run must give the eager loss and gradients
+    for _, layer in moelora.moelora_layers(model):
+        layer.config = MoELoRAConfig(**{**vars(layer.config), "contrastive_samples": 64})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    eager = loss_fn(x)
+    eager_grads = torch.autograd.grad(eager, trainable)
+    compiled = torch.compile(loss_fn, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled, trainable), eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+# --- adapter files: safetensors, no pickle ---------------------------------------------------------------------
+
+def test_save_load_safetensors_roundtrip_and_strict_errors(tmp_path):
+    base = TinyNet()
+    model = inject_moelora(copy.deepcopy(base), small_config(num_experts=3, r=5))
+    randomize_B(model)
+    path = tmp_path / "adapter.safetensors"
+    moelora.save_moelora(model, path)
+    assert not (tmp_path / "adapter.safetensors.tmp").exists()
+    fresh = moelora.load_moelora(copy.deepcopy(base), path)  # no MoELoRA layers yet: injected with the file's config
+    assert moelora.moelora_config(fresh) == moelora.moelora_config(model)
+    x = torch.randn(2, 5, 16)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+    with pytest.raises(ValueError, match=r"config mismatch.*'r': \(5, 2\)"):
+        moelora.load_moelora(inject_moelora(copy.deepcopy(base), small_config()), path)
+    blob = path.read_bytes()
+    for damaged in (blob[:-4], blob[:6], b"\x08" + b"\x00" * 7 + b"not json"):
+        (tmp_path / "bad.safetensors").write_bytes(damaged)
+        with pytest.raises(ValueError, match="bad.safetensors is not a MoELoRA adapter file.*or it is damaged"):
+            moelora.load_moelora(copy.deepcopy(base), tmp_path / "bad.safetensors")
+
+
+def test_safetensors_file_is_the_standard_format():
+    # the reference reader and writer (the safetensors package, test-only) agree with ours both ways
+    st = pytest.importorskip("safetensors.torch", reason="safetensors not installed (comes with transformers)")
+    import json
+    import tempfile
+    from safetensors import safe_open
+
+    model = inject_moelora(TinyNet(), small_config())
+    randomize_B(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = f"{tmp}/ours.safetensors", f"{tmp}/theirs.safetensors"
+        moelora.save_moelora(model, ours)
+        expected = {k: v for k, v in moelora_state_dict(model).items() if k != "moelora_config"}
+        loaded = st.load_file(ours)
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
+        with safe_open(ours, "pt") as f:
+            assert json.loads(f.metadata()["moelora_config"])["num_experts"] == 4
+        st.save_file(expected, theirs, metadata={"moelora_config": json.dumps(vars(small_config()))})
+        config, tensors = moelora.read_moelora_file(theirs)
+        assert config == small_config() and all(torch.equal(tensors[k], v) for k, v in expected.items())
+
+
+# --- the balance loss next to Hugging Face Mixtral's ------------------------------------------------------------
+
+def test_balance_loss_converts_to_mixtral_s_as_the_docstring_says():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    N, k = 8, 2
+    attention_mask = torch.ones(3, 5, dtype=torch.long)
+    attention_mask[0, 3:] = 0
+    attention_mask[2, 1:] = 0
+    real = attention_mask.bool().flatten()
+    per_layer = [torch.randn(15, N) * 2 for _ in range(2)]  # router logits of 2 layers, [tokens, N]
+    top = [logits.topk(k, dim=-1).indices for logits in per_layer]
+    theirs = load_balancing_loss_func(tuple(per_layer), N, k, attention_mask)
+    pooled = balance_loss(torch.cat(per_layer), torch.cat(top), N, real.repeat(2))  # all layers' tokens in one pool
+    torch.testing.assert_close(theirs, k * pooled)
+    mean_of_layers = torch.stack([balance_loss(l, t, N, real) for l, t in zip(per_layer, top)]).mean()
+    assert not torch.allclose(theirs, k * mean_of_layers)  # what this project reports differs: layers are averaged
+    # pooling hides imbalance: 4 layers, each sending every token to its own pair of experts
+    collapsed = [torch.full((15, N), -5.0).index_fill(1, torch.tensor([2 * i, 2 * i + 1]), 5.0) for i in range(4)]
+    top = [logits.topk(k, dim=-1).indices for logits in collapsed]
+    assert load_balancing_loss_func(tuple(collapsed), N, k) == pytest.approx(k)  # reads as balanced
+    assert all(balance_loss(l, t, N) > 3.99 for l, t in zip(collapsed, top))  # here: 4 per layer (N / top_k)
