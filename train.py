@@ -31,7 +31,7 @@ from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
 from data.tasks import ALL_TASKS, DataError, find_data_dir, load_split
 from model import ModelArgs, Transformer
 from moelora import (MoELoRAConfig, inject_moelora, load_moelora_state_dict, mark_only_moelora_as_trainable,
-                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict)
+                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict, moelora_token_mask, save_moelora)
 from tokenizer import Tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------------------------------
@@ -162,14 +162,16 @@ def batch_order(n_examples: int, batch_size: int, epoch: int, seed: int):
 
 
 def collate(pairs, pad_id: int, device):
-    """[(tokens, labels)] -> tokens, labels [B, T], right-padded (labels with IGNORE_INDEX)."""
+    """[(tokens, labels)] -> tokens, labels, real [B, T]: right-padded (labels with IGNORE_INDEX), and True where
+    a token is real (not padding: the pad id may also be a real token's id, so the lengths decide)."""
     T = max(len(t) for t, _ in pairs)
     tokens = torch.full((len(pairs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
     for i, (t, l) in enumerate(pairs):
         tokens[i, :len(t)] = torch.tensor(t)
         labels[i, :len(l)] = torch.tensor(l)
-    return tokens.to(device), labels.to(device)
+    real = torch.arange(T)[None, :] < torch.tensor([len(t) for t, _ in pairs])[:, None]
+    return tokens.to(device), labels.to(device), real.to(device)
 
 
 def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
@@ -310,6 +312,8 @@ def train(args, model, raw_model, tok, train_pairs, device, ctx, scaler, rank, w
             atomic_save({"weights": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rngs, "step": step, "config": vars(args),
                          "base": fingerprint}, ckpt_path)
+            if args.method != "full":  # the adapters alone, to share or load elsewhere: no pickle (moelora.load_moelora)
+                save_moelora(raw_model, out_dir / "adapter.safetensors")
 
     n_trainable = sum(p.numel() for p in params)
     log(f"training {n_trainable:,} parameters ({args.method}) for {total_steps} steps "
@@ -335,9 +339,12 @@ def train(args, model, raw_model, tok, train_pairs, device, ctx, scaler, rank, w
         # logged losses stay on the device until the step ends: one host sync per step, not several per micro-batch
         sums = {k: torch.zeros((), device=device) for k in ("lm", "contrastive", "balance")}
         for j, mb in enumerate(micro_batches):
-            x, y = collate(mb, tok.pad_id, device)
+            x, y, real = collate(mb, tok.pad_id, device)
             sync = j == len(micro_batches) - 1  # DDP all-reduces gradients only on the last micro-batch
-            with (contextlib.nullcontext() if world_size == 1 or sync else model.no_sync()), ctx:
+            # padding (a third of the positions in the tutorial's runs) stays out of the routers' losses and
+            # statistics; the language-model loss already ignores it through the labels
+            only_real = moelora_token_mask(raw_model, real) if args.method != "full" else contextlib.nullcontext()
+            with (contextlib.nullcontext() if world_size == 1 or sync else model.no_sync()), ctx, only_real:
                 _, lm_loss = model(x, y)
                 aux = moelora_aux_losses(raw_model) if args.method == "moelora" else {}
                 # DDP averages gradients over processes, hence the world_size factor
@@ -400,7 +407,7 @@ def evaluate(args, model, tok, test_examples, device, ctx, log):
         pairs, _, _ = tokenize_dataset(tok, test_examples, model.args.max_seq_len)
         loss_sum, n_tok = 0.0, 0
         for i in range(0, len(pairs), args.eval_batch_size):
-            x, y = collate(pairs[i:i + args.eval_batch_size], tok.pad_id, device)
+            x, y, _ = collate(pairs[i:i + args.eval_batch_size], tok.pad_id, device)
             with ctx:
                 _, loss = model(x, y)
             n = int((y != IGNORE_INDEX).sum())

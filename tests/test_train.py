@@ -9,7 +9,12 @@ import torch
 
 from conftest import ROOT, shared_path
 
+import moelora
 import train
+from data.prompts import tokenize_dataset
+from data.tasks import load_split
+from moelora import MoELoRAConfig
+from tokenizer import Tokenizer
 
 
 def small_run(out_dir, *extra, model="stories260K-hf"):
@@ -40,6 +45,21 @@ def test_end_to_end_on_stories260k(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     # adapter weights only: no base tensor in the checkpoint
     assert ckpt["step"] == 4 and all("lora_" in k or "router" in k or k == "moelora_config" for k in ckpt["weights"])
+    # ... and the same adapters as a safetensors file, read without pickle
+    config, tensors = moelora.read_moelora_file(tmp_path / "adapter.safetensors")
+    assert config == MoELoRAConfig(**ckpt["weights"]["moelora_config"])
+    assert tensors.keys() == ckpt["weights"].keys() - {"moelora_config"}
+    assert all(torch.equal(tensors[k], ckpt["weights"][k]) for k in tensors)
+    # the routing statistics count the real tokens of the step's last micro-batch, not its padding
+    tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
+    pairs, _, _ = tokenize_dataset(tok, load_split("gsm8k", "train", shared_path("data")), 320)
+    padding_seen = 0
+    for record in log:
+        last_micro_batch = [pairs[i][0] for i in train.batch_order(len(pairs), 4, 0, 1337)[record["step"] - 1][2:]]
+        real = sum(map(len, last_micro_batch))
+        assert all(s["tokens"] == real for s in record["routing"].values()), (record["step"], real)
+        padding_seen += 2 * max(map(len, last_micro_batch)) - real
+    assert padding_seen > 0
 
 
 def test_built_in_tiny_base_is_built_then_reused(tmp_path, capsys):
