@@ -75,6 +75,23 @@ def test_transformer_decoder_layer_adapters_act(mode):
     assert not torch.allclose(run(model, mode, tgt, memory), run(base, mode, tgt, memory), atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_full_transformer_and_adaptive_softmax_adapters_act(mode):
+    # the other PyTorch modules with nn.Linear children: nn.Transformer (encoder fast path inside) and
+    # nn.AdaptiveLogSoftmaxWithLoss, which calls its head and its tail projections as modules
+    transformer = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+    base, model = adapted(transformer, ("linear1", "linear2"))
+    src, tgt = torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    torch.testing.assert_close(run(model, mode, src, tgt), run(model, "train", src, tgt), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(run(model, mode, src, tgt), run(base, mode, src, tgt), atol=1e-3)
+    softmax = nn.AdaptiveLogSoftmaxWithLoss(16, 20, cutoffs=[5, 10], div_value=2.0)
+    base, model = adapted(softmax, ("head",))
+    x = torch.randn(6, 16)
+    model.train("train" in mode), base.train("train" in mode)
+    with torch.no_grad() if "no_grad" in mode else contextlib.nullcontext():
+        assert not torch.allclose(model.log_prob(x), base.log_prob(x), atol=1e-3)
+
+
 @pytest.mark.parametrize("module, path", [
     (lambda: nn.MultiheadAttention(16, 2, batch_first=True), "out_proj"),
     (lambda: nn.TransformerEncoderLayer(16, 2, 32), "self_attn.out_proj"),
