@@ -122,3 +122,71 @@ def test_plots_tables_from_run_files(tmp_path):
     assert "| MoELoRA 8x4 top-2 | 1 | 10 | 1.000 | 0.500 | 0.000 |" in plots.routing_table(runs)
     assert plots.routing_kinds_table(runs) is None  # routing.py not run
     plots.main([str(tmp_path), "--no_figures"])
+
+
+def test_hugging_face_trainer_snippet(tmp_path):
+    # tutorial.md section 10's MoELoRATrainer, run by transformers' Trainer for one optimizer step of two
+    # accumulated micro-batches; the adapters' gradients must be those of the loss written out by hand:
+    # the language-model loss weighted by target tokens over the whole step, plus the mean over micro-batches of
+    # the auxiliary losses, each over the real tokens of its micro-batch
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install -r requirements-dev.txt)")
+    import moelora
+
+    block = re.search(r"^```python hf-trainer\n(.*?)^```", TUTORIAL.read_text(), flags=re.M | re.S)
+    assert block, "tutorial.md should show the Trainer in a ```python hf-trainer block"
+    namespace = {}
+    exec(compile(block.group(1), "tutorial.md hf-trainer block", "exec"), namespace)
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config)
+    moelora.inject_moelora(model, moelora.MoELoRAConfig(num_experts=4, r=2, lora_dropout=0.0, target_modules=("q_proj", "v_proj"),
+                                                        contrastive_samples=64, contrastive_weight=0.5, balance_weight=0.5))
+    moelora.mark_only_moelora_as_trainable(model)
+    with torch.no_grad():
+        for _, layer in moelora.moelora_layers(model):
+            layer.lora_B.normal_(0, 0.1)
+    # 4 examples of 10 positions, right-padded to 10, 2 per micro-batch (16 x 2 pairs <= 64 samples: no random draw)
+    lengths = [10, 6, 8, 3]
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, 64, (10,))
+        real = torch.arange(10) < n
+        examples.append({"input_ids": ids.masked_fill(~real, 0), "attention_mask": real.long(),
+                         "labels": ids.masked_fill(~real, -100)})
+
+    captured = {}
+
+    class Capture(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, max_steps=1, learning_rate=1e-3,
+                                          max_grad_norm=0.0, train_sampling_strategy="sequential", report_to=[],
+                                          save_strategy="no", use_cpu=True, logging_strategy="no")
+    trainer = namespace["MoELoRATrainer"](model=model, args=args, train_dataset=examples, callbacks=[Capture()],
+                                          data_collator=transformers.default_data_collator)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert captured and all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+    # the same step by hand, from the weights before it
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in before:
+                p.copy_(before[n])
+    model.zero_grad()
+    model.train()
+    targets = sum(int((e["labels"][1:] != -100).sum()) for e in examples)  # the shift of a causal LM
+    total = 0
+    for micro in (examples[:2], examples[2:]):
+        batch = transformers.default_data_collator(micro)
+        with moelora.moelora_token_mask(model, batch["attention_mask"].bool()):
+            out = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total = total + out.loss * n / targets + sum(moelora.moelora_aux_losses(model).values()) / 2
+    total.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(captured[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

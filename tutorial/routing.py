@@ -18,6 +18,12 @@ piece: digit, operator (+ - * / = $ % ...), word, space/punct, newline (BOS is l
       gradient to its own layer's router, and any effect on the routing is indirect (through hidden states)
     - for the layer with the largest I: the share of each kind's tokens that goes to each expert
 and a JSON summary is written to <run>/routing_gsm8k.json, which tutorial/plots.py reads.
+
+Padding: the texts run in right-padded batches, and the padded positions are cut off here by hand, because these
+numbers need each real token's own expert. train.py's logged routing (metrics.jsonl) pools a micro-batch's
+tokens instead; it runs under moelora_token_mask, so it too counts real tokens only. (Before the mask existed,
+the logged routing and the balance and contrastive losses in training included the padding, a third of the
+positions in the tutorial's runs; this script never did.)
 """
 import argparse
 import json
