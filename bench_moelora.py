@@ -11,6 +11,8 @@ all alike; the table shows medians. Contenders, all on wq and wv:
   lora-r32        a minimal plain LoRA of rank 32 written below (no router): the reference
   moelora         8 experts of rank 4, top-2, contrastive and balance losses on (same expert parameters)
   moelora-cl0     the same with contrastive_weight=0 (the contrastive term's cost is the difference)
+  moelora-masked  moelora under moelora_token_mask, a third of each row padding as in train.py's batches
+                  (the mask's cost is the difference)
 Then one adapted layer alone, the same contenders, plus the dense rank-(N*r) forward that moelora.py
 uses against gathering the top-k experts' A and B per token: short calls, many rounds, a steadier
 estimate of what the adapters add to a step than whole steps on a busy machine.
@@ -34,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer
-from moelora import MoELoRAConfig, MoELoRALinear, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
+from moelora import (MoELoRAConfig, MoELoRALinear, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
+                     moelora_token_mask)
 
 
 class LoRALinear(nn.Module):
@@ -71,14 +74,19 @@ def machine():
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def make_step(model, loss_fn, with_aux):
-    """One training step: loss_fn() -> loss, plus MoELoRA's auxiliary losses if with_aux, backward, AdamW."""
+def make_step(model, loss_fn, with_aux, real=None):
+    """One training step: loss_fn() -> loss, plus MoELoRA's auxiliary losses if with_aux, backward, AdamW;
+    under moelora_token_mask(model, real) if a mask is given."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        loss = loss_fn()
-        if with_aux:
-            loss = loss + sum(moelora_aux_losses(model).values())
+        if real is None:
+            loss = loss_fn()
+            if with_aux:
+                loss = loss + sum(moelora_aux_losses(model).values())
+        else:
+            with moelora_token_mask(model, real):
+                loss = loss_fn() + sum(moelora_aux_losses(model).values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -166,32 +174,39 @@ def main():
         "moelora": mark_only_moelora_as_trainable(inject_moelora(copy.deepcopy(base), moe)),
         "moelora-cl0": mark_only_moelora_as_trainable(inject_moelora(copy.deepcopy(base), MoELoRAConfig(**{**vars(moe), "contrastive_weight": 0.0}))),
     }
+    models["moelora-masked"] = copy.deepcopy(models["moelora"])
     del base
-    steps = {name: make_step(m, lambda m=m: m(tokens, targets)[1], with_aux=name != "lora-r32") for name, m in models.items()}
+    # right padding as train.py makes it: row b keeps its first seq * (2/3 +- 1/6) positions  [batch, seq]
+    lengths = torch.linspace(args.seq / 2, args.seq * 5 / 6, args.batch).long()
+    real = torch.arange(args.seq) < lengths[:, None]
+    steps = {name: make_step(m, lambda m=m: m(tokens, targets)[1], with_aux=name != "lora-r32",
+                             real=real if name == "moelora-masked" else None) for name, m in models.items()}
     for name, m in models.items():
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         router = sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "router" in n)
-        print(f"  {name:12s} trainable parameters {trainable:,} (router {router:,})")
+        print(f"  {name:14s} trainable parameters {trainable:,} (router {router:,})")
 
     times = {name: [] for name in steps}
     names = list(steps)
     for round_ in range(args.warmup + args.rounds):
-        for name in names[round_ % 3:] + names[:round_ % 3]:  # rotate who goes first
+        first = round_ % len(names)
+        for name in names[first:] + names[:first]:  # rotate who goes first
             t = timed(steps[name])
             if round_ >= args.warmup:
                 times[name].append(t)
     wall = {name: statistics.median(w for w, _ in t) for name, t in times.items()}
     cpu = {name: statistics.median(c for _, c in t) for name, t in times.items()}
     cpu_min = {name: min(c for _, c in t) for name, t in times.items()}
-    print(f"\n{'contender':12s} {'wall s/step':>11s} {'vs lora':>8s}   {'CPU s/step':>10s} {'vs lora':>8s}   {'min CPU s':>9s} {'vs lora':>8s}")
+    print(f"\n{'contender':14s} {'wall s/step':>11s} {'vs lora':>8s}   {'CPU s/step':>10s} {'vs lora':>8s}   {'min CPU s':>9s} {'vs lora':>8s}")
     for name in times:
-        print(f"{name:12s} {wall[name]:11.3f} {wall[name] / wall['lora-r32']:7.3f}x   {cpu[name]:10.3f} "
+        print(f"{name:14s} {wall[name]:11.3f} {wall[name] / wall['lora-r32']:7.3f}x   {cpu[name]:10.3f} "
               f"{cpu[name] / cpu['lora-r32']:7.3f}x   {cpu_min[name]:9.3f} {cpu_min[name] / cpu_min['lora-r32']:7.3f}x")
     print("(medians over the rounds, except the last column: the fastest round, least disturbed by other programs)")
     for label, t in (("median wall", wall), ("median CPU", cpu), ("min CPU", cpu_min)):
         ratio, cl_cost = t["moelora"] / t["lora-r32"], t["moelora"] / t["moelora-cl0"] - 1
         print(f"{label:11s}: moelora / lora-r32 = {ratio:.3f} (target <= 1.10: {'met' if ratio <= 1.10 else 'MISSED'}); "
-              f"contrastive term adds {100 * cl_cost:+.1f}% (target <= 5%: {'met' if cl_cost <= 0.05 else 'MISSED'})")
+              f"contrastive term adds {100 * cl_cost:+.1f}% (target <= 5%: {'met' if cl_cost <= 0.05 else 'MISSED'}); "
+              f"the token mask adds {100 * (t['moelora-masked'] / t['moelora'] - 1):+.1f}%")
 
     n_adapted = sum(isinstance(m, MoELoRALinear) for m in models["moelora"].modules())
     layer_cpu = bench_layers(dim=margs.dim, tokens=args.batch * args.seq, rounds=30)

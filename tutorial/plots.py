@@ -200,8 +200,8 @@ def plot_routing_load(plt, runs, path: Path):
             ax.set_xlabel("expert", fontsize=8)
             ax.set_title(f"{METHODS[method]}, seed {seed}", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.6, label="share of the (token, slot) assignments, %")
-    fig.suptitle(f"expert load at the last logged step ({step}): the step's last micro-batch, padding included "
-                 "(even: 12.5%)", fontsize=9)
+    fig.suptitle(f"expert load at the last logged step ({step}): the step's last micro-batch, real tokens "
+                 "only (even: 12.5%)", fontsize=9)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return True
