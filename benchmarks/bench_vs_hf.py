@@ -1,10 +1,10 @@
 """
 This project against transformers + PEFT: the same LLaMA, the same work, measured in one process.
 
-    python bench_vs_hf.py                          # CPU, float32: 8 layers x dim 512, vocab 32000, batch 4 x 256
-    python bench_vs_hf.py --rounds 3 --parts train --no_memory        # a quicker look
-    python bench_vs_hf.py --profile                # also: where one training step of each contender spends its time
-    python bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 [--compile] [--grad_checkpointing]
+    python benchmarks/bench_vs_hf.py                          # CPU, float32: 8 layers x dim 512, vocab 32000, batch 4 x 256
+    python benchmarks/bench_vs_hf.py --rounds 3 --parts train --no_memory        # a quicker look
+    python benchmarks/bench_vs_hf.py --profile                # also: where one training step of each contender spends its time
+    python benchmarks/bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 [--compile] [--grad_checkpointing]
                                                    # (the CUDA path is untested: no GPU was available when it was written)
 
 Both models are built with the same random weights: transformers' LlamaForCausalLM(LlamaConfig(...)) is
@@ -50,6 +50,7 @@ import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, moelora.py
 from bench_moelora import machine, make_step, timed
 from model import IGNORE_INDEX, ModelArgs, Transformer, ffn_hidden_dim
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses

@@ -1,9 +1,9 @@
 """
 Speed of MoELoRA against plain LoRA with the same trainable parameters, on this machine's CPU.
 
-    python bench_moelora.py                 # LLaMA of model.py: 8 layers, dim 512, vocab 32000, batch 4 x 256
-    python bench_moelora.py --vocab 4096 --rounds 7
-    python bench_moelora.py --threads 1     # on a machine shared with other work: see below
+    python benchmarks/bench_moelora.py                 # LLaMA of model.py: 8 layers, dim 512, vocab 32000, batch 4 x 256
+    python benchmarks/bench_moelora.py --vocab 4096 --rounds 7
+    python benchmarks/bench_moelora.py --threads 1     # on a machine shared with other work: see below
 
 A training step = forward + backward + AdamW step on the adapter parameters, float32. Contenders run
 one step each in turn, round after round in one process, so that a slow moment of the machine hits them
@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, moelora.py
 from model import ModelArgs, Transformer
 from moelora import (MoELoRAConfig, MoELoRALinear, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_token_mask)
