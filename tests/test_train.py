@@ -75,6 +75,28 @@ def test_built_in_tiny_base_is_built_then_reused(tmp_path, capsys):
     train.main(argv + ["--eval_only"])
     out = capsys.readouterr()
     assert "reusing" in out.out + out.err and (base / "consolidated.00.pth").stat().st_mtime_ns == stamp
+    # the built base, given back as --model, keeps the tiny preset; any other checkpoint gets llama-7b's
+    assert train.parse_args(["--model", str(base)]).preset == "tiny"
+    assert train.parse_args(["--model", str(shared_path("models/stories260K-hf"))]).preset == "llama-7b"
+
+
+def test_settings_have_one_source_and_help_states_them(capsys):
+    # the adapter defaults are MoELoRAConfig's; LoRA's rank defaults to the experts' parameters
+    assert train.moelora_config_from(train.parse_args([])) == MoELoRAConfig()
+    lora = train.parse_args(["--method", "lora"])
+    assert (lora.r, lora.lora_alpha) == (MoELoRAConfig().num_experts * MoELoRAConfig().r, 2.0 * lora.r)
+    # a preset fills what the command line leaves out, and the command line wins
+    for name, preset in train.PRESETS.items():
+        args = train.parse_args(["--preset", name, "--lr", "0.5"])
+        assert args.lr == 0.5 and all(getattr(args, k) == v for k, v in preset.items() if k != "lr")
+    assert train.parse_args([]).preset == "tiny"
+    # --help states every default: each preset's value of each preset-dependent flag
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in train.PRESETS["tiny"]:
+        assert train.preset_default(key) in text, key
+    assert "(default 256)" in text and "(default 1337)" in text  # --contrastive_samples, --seed
 
 
 def adapter_weights(path):
