@@ -75,7 +75,7 @@ TUDB-Labs/MoE-PEFT, GCYZSL/MoLA). All are N * sum_i f_i P_i with a softmax over 
     MixLoRA       top_k      top_k      pooled, as Mixtral              attention_mask   0.001
     MoLA          1          n_layers   sum of per-layer losses         counted          0.001, off by default
 Their numbers from ours: Mixtral's and MixLoRA's is top_k * balance_loss() of every layer's last_logits,
-last_top_idx and last_real concatenated (tutorial.md section 5 has the function). That equals top_k times our
+last_top_idx and last_real concatenated (tutorial.md section 7 has the function). That equals top_k times our
 unweighted loss only when all layers route alike: pooling hides imbalance (four layers that each send every token
 to their own pair of experts read as balanced there, and as 4 per layer here). MoLA's is n_layers times ours.
 With the default weights, ours (0.01 x loss) presses 5x harder towards balance than Mixtral's (0.001 x 2 x loss).

@@ -43,6 +43,21 @@ def test_tutorial_code_runs_as_shown(monkeypatch, capsys):
     assert time.time() - start < 15, "the tutorial's snippets must stay fast (tiny models only)"
 
 
+def test_benchmarks_page_code_runs_as_shown(monkeypatch, capsys):
+    # benchmarks/README.md's memory estimate for a 7B run counts parameters and saved activations with code
+    blocks = python_blocks((ROOT / "benchmarks" / "README.md").read_text())
+    assert len(blocks) >= 2
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+    namespace = {"__name__": "__benchmarks_page__"}
+    for i, block in enumerate(blocks, start=1):
+        exec(compile(block, f"benchmarks/README.md python block {i}", "exec"), namespace)
+    out = capsys.readouterr().out
+    # the figures the page quotes in its comments
+    assert "base 6,738,415,616: 13.5 GB in bf16" in out and "adapters 18,874,368: 302 MB" in out
+    assert "dim 128: 8,072 bytes per token per block" in out
+
+
 def test_every_pointer_to_code_exists():
     # pointers written `file.py` → `Class.method` must name things that exist in that file
     pointers = re.findall(r"`([\w/]+\.py)` *(?:→|->) *`([\w.]+)`", TUTORIAL.read_text())
@@ -125,7 +140,7 @@ def test_plots_tables_from_run_files(tmp_path):
 
 
 def test_hugging_face_trainer_snippet(tmp_path):
-    # tutorial.md section 10's MoELoRATrainer, run by transformers' Trainer for one optimizer step of two
+    # tutorial.md section 12's MoELoRATrainer, run by transformers' Trainer for one optimizer step of two
     # accumulated micro-batches; the adapters' gradients must be those of the loss written out by hand:
     # the language-model loss weighted by target tokens over the whole step, plus the mean over micro-batches of
     # the auxiliary losses, each over the real tokens of its micro-batch
