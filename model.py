@@ -154,38 +154,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX): the same mean over the counted targets and the
-    same gradient, with fewer arrays the size of the logits.
-
-    F.cross_entropy writes log_softmax(logits) in forward, then in backward a zero-filled array for the one-hot
-    target and the gradient: three [tokens, vocab] float32 arrays (128 MiB each for 4 x 256 tokens and 32000 words)
-    besides the logits. On CPU a fresh array that large comes from the kernel as new zeroed pages, which costs
-    more than the arithmetic (measured on 2 cores: 65 ms to allocate and fill one, 15 ms to fill one already
-    mapped); this class writes one: forward keeps the per-token log-sum-exp only, and backward writes
-        d loss / d logits = (softmax(logits) - onehot(target)) / n_counted   (zero rows for ignored targets)
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets):  # logits [M, V] float32, targets [M]
-        # a block of rows at a time: torch.logsumexp holds a temporary the size of its input; blocks of ~16 MiB
-        # are small enough for the allocator to reuse instead of mapping new pages (its limit is 32 MiB)
-        block = max(1, 2**22 // logits.shape[1])
-        lse = torch.cat([torch.logsumexp(rows, dim=-1) for rows in logits.split(block)])  # [M]
-        counted = targets != IGNORE_INDEX
-        picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # ignored rows read column 0, masked next
-        ctx.save_for_backward(logits, targets, lse, counted)
-        return torch.where(counted, lse - picked, 0.0).sum() / counted.sum()  # 0 / 0 = nan when nothing counts, as F.cross_entropy
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse, counted = ctx.saved_tensors
-        grad = torch.sub(logits, lse[:, None]).exp_()  # softmax, written in place from here on
-        grad[torch.arange(len(targets), device=grad.device), targets.clamp(min=0)] -= 1  # ignored rows are zeroed next
-        grad.mul_((counted * (grad_loss / counted.sum()))[:, None])
-        return grad, None
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -222,7 +190,8 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, positions=None, mask=None, cache=None):
         """tokens, targets: [B, T] int64. Returns (logits [B, T, vocab] float32, loss or None).
 
-        loss is the mean cross-entropy over the positions whose target is not IGNORE_INDEX.
+        loss is the mean cross-entropy over the positions whose target is not IGNORE_INDEX (nan if there are
+        none; the gradient is then zero).
         positions [B, T], mask [B, 1, T, S] and cache are for generation (see generate); with a cache,
         only the last position's logits are computed ([B, 1, vocab]): that is all sampling needs.
         """
@@ -244,10 +213,10 @@ class Transformer(nn.Module):
             cache.length += T
             h = h[:, -1:]
         h = self.norm(h)
-        logits = self.output(h).float()
+        logits = self.output(h).float()  # float32 even under autocast: bf16 is too coarse for the softmax
         loss = None
         if targets is not None:
-            loss = CrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     # ------------------------------------------------------------------------------------------------
