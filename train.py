@@ -27,14 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.grading import extract_answer, is_correct
+from data.mixtures import format_mixture_report, load_benchmarks, load_mixture, overlaps
 from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
-from data.tasks import ALL_TASKS, DataError, find_data_dir, load_split
+from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
 from model import ModelArgs, Transformer
 from moelora import (MoELoRAConfig, inject_moelora, load_moelora_state_dict, mark_only_moelora_as_trainable,
-                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict, moelora_token_mask, save_moelora)
+                     moelora_aux_losses, moelora_layers, moelora_routing_stats, moelora_state_dict, moelora_token_mask,
+                     save_moelora)
 from tokenizer import Tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------------------------------
@@ -70,7 +73,10 @@ def parse_args(argv=None):
     adapter = MoELoRAConfig()  # the adapter defaults live in moelora.py
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--task", default="gsm8k", choices=ALL_TASKS, help="what to train on and grade (default %(default)s)")
+    a("--task", default="gsm8k", choices=ALL_TASKS + tuple(FAMILIES), help="what to train on and grade: a benchmark, "
+      "or a family (math, commonsense: train on its mixture, grade all its benchmarks) (default %(default)s)")
+    a("--eval_tasks", default=None, help="comma-separated benchmarks to grade after training (default: the task, or "
+      "the family's benchmarks)")
     a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: the built-in tiny LLaMA")
     a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below: tiny without --model "
       "or when --model is a tiny base that train.py built, llama-7b with any other --model")
@@ -336,7 +342,7 @@ def all_reduce_sum(x: float, run: Run) -> float:
 # -----------------------------------------------------------------------------------------------------
 # training
 
-def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint: dict):
+def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint: dict, init_routers=None):
     # every process's RNG state: a resumed run draws the same dropout masks and contrastive samples
     rngs = [None] * run.world_size
     if run.world_size > 1:
@@ -346,13 +352,14 @@ def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint
     if run.rank == 0:
         atomic_save({"weights": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "rng": rngs, "step": step, "config": vars(args),
-                     "base": fingerprint}, run.out_dir / "ckpt.pt")
+                     "base": fingerprint, "init_routers": init_routers}, run.out_dir / "ckpt.pt")
         if args.method != "full":  # the adapters alone, to share or load elsewhere: no pickle (moelora.load_moelora)
             save_moelora(raw_model, run.out_dir / "adapter.safetensors")
 
 
-def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: dict) -> int:
-    """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt; return its step."""
+def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: dict, init_routers) -> int:
+    """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt; return its step.
+    init_routers (a dict, updated in place) becomes the routers the run started with."""
     ckpt_path = run.out_dir / "ckpt.pt"
     if not ckpt_path.exists():
         raise SystemExit(f"error: --resume given but {ckpt_path} does not exist")
@@ -360,6 +367,8 @@ def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: di
     optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][min(run.rank, len(ckpt["rng"]) - 1)])
+    if init_routers is not None and ckpt.get("init_routers"):
+        init_routers.update(ckpt["init_routers"])
     run.log(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -371,32 +380,37 @@ def stop_non_finite(run: Run, what: str, step: int, saved_step):
                      + ". Lower --lr, or use --dtype bf16 instead of fp16.")
 
 
-def micro_batches_of_step(run: Run, args, train_pairs, step: int, steps_per_epoch: int):
-    """This process's share of the global batch of `step`, as a list of micro-batches of (tokens, labels) pairs."""
+def micro_batches_of_step(run: Run, args, n_examples: int, step: int, steps_per_epoch: int):
+    """This process's share of the global batch of `step`: a list of micro-batches, each a list of example indices.
+    A mixture's sources are shuffled together: each epoch visits every example once, so each source's share of
+    the training is its share of the examples."""
     epoch, index = divmod(step, steps_per_epoch)
-    batch = batch_order(len(train_pairs), args.batch_size, epoch, args.seed)[index]
+    batch = batch_order(n_examples, args.batch_size, epoch, args.seed)[index]
     per_rank = args.batch_size // run.world_size
     mine = batch[run.rank * per_rank:(run.rank + 1) * per_rank]
-    return [[train_pairs[i] for i in mine[j:j + args.micro_batch_size]] for j in range(0, per_rank, args.micro_batch_size)]
+    return [mine[j:j + args.micro_batch_size] for j in range(0, per_rank, args.micro_batch_size)]
 
 
-def forward_backward(run: Run, args, model, raw_model, micro_batches, pad_id: int):
+def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches, pad_id: int):
     """Accumulate the gradients of one optimizer step. Returns the step's losses for the log (lm, contrastive,
-    balance: 0-dim tensors left on the device, so the host waits once per step) and the positions processed."""
+    balance: 0-dim tensors left on the device, so the host waits once per step; and, for a mixture, the summed
+    target losses and target counts per source, [S] each) and the number of positions processed."""
+    pairs, sources = train_set.pairs, train_set.sources
     # every target token of the global batch weighs the same, however the batch is split into micro-batches
     # and processes: weight each micro-batch's mean loss by its share of the targets
-    n_targets = [sum(sum(l != IGNORE_INDEX for l in labels) for _, labels in mb) for mb in micro_batches]
+    n_targets = [sum(sum(l != IGNORE_INDEX for l in pairs[i][1]) for i in mb) for mb in micro_batches]
     global_targets = all_reduce_sum(sum(n_targets), run)
     sums = {k: torch.zeros((), device=run.device) for k in ("lm", "contrastive", "balance")}
+    per_source = torch.zeros(2, len(train_set.names), device=run.device)  # [loss sum, targets] x sources
     positions = 0
     for j, mb in enumerate(micro_batches):
-        x, y, real = collate(mb, pad_id, run.device)  # [B, T] each
+        x, y, real = collate([pairs[i] for i in mb], pad_id, run.device)  # [B, T] each
         sync = j == len(micro_batches) - 1  # DDP all-reduces gradients only on the last micro-batch
         # padding (a third of the positions in the tutorial's runs) stays out of the routers' losses and
         # statistics; the language-model loss already ignores it through the labels
         only_real = moelora_token_mask(raw_model, real) if args.method != "full" else contextlib.nullcontext()
         with (contextlib.nullcontext() if run.world_size == 1 or sync else model.no_sync()), run.autocast(), only_real:
-            _, lm_loss = model(x, y)
+            logits, lm_loss = model(x, y)
             aux = moelora_aux_losses(raw_model) if args.method == "moelora" else {}
             # DDP averages gradients over processes, hence the world_size factor
             loss = lm_loss * (n_targets[j] * run.world_size / global_targets)
@@ -405,14 +419,23 @@ def forward_backward(run: Run, args, model, raw_model, micro_batches, pad_id: in
         sums["lm"] += lm_loss.detach().float() * (n_targets[j] / max(1, sum(n_targets)))
         for k, v in aux.items():
             sums[k] += v.detach().float() / len(micro_batches)
+        if len(train_set.names) > 1:  # the language-model loss of each source's examples
+            with torch.no_grad():
+                token_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                             reduction="none").view(y.shape)  # [B, T], 0 at ignored targets
+                src = torch.tensor([sources[i] for i in mb], device=run.device)  # [B]
+                per_source[0].index_add_(0, src, token_loss.sum(1))
+                per_source[1].index_add_(0, src, (y != IGNORE_INDEX).sum(1).float())
         positions += x.numel()
-    return sums, positions
+    return sums, per_source, positions
 
 
-def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, tokens_per_s: float) -> str:
+def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, tokens_per_s: float, source_losses) -> str:
     """Append the step's record to metrics.jsonl and return its log line."""
     record = {"step": step, "lr": lr, "loss": losses["lm"], "contrastive": losses["contrastive"],
               "balance": losses["balance"], "tokens_per_s": tokens_per_s}
+    if source_losses:
+        record["loss_per_source"] = source_losses
     line = f"step {step}: loss {losses['lm']:.4f} lr {lr:.2e} {tokens_per_s:.0f} tok/s"
     if args.method == "moelora":
         stats = moelora_routing_stats(raw_model)  # of the step's last micro-batch, real tokens only
@@ -425,17 +448,18 @@ def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, toke
     return line
 
 
-def train(args, run: Run, model, raw_model, tok, train_pairs) -> bool:
+def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> bool:
     """Train until --max_steps / --epochs (or --stop_after); True when the run is complete."""
-    steps_per_epoch = len(batch_order(len(train_pairs), args.batch_size, 0, args.seed))
+    n_examples = len(train_set.pairs)
+    steps_per_epoch = len(batch_order(n_examples, args.batch_size, 0, args.seed))
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_pairs)} training examples is fewer than one batch of {args.batch_size}")
+        raise SystemExit(f"error: {n_examples} training examples is fewer than one batch of {args.batch_size}")
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=run.device.startswith("cuda"))
     fingerprint = base_fingerprint(raw_model)
-    step = resume_from_checkpoint(run, args, raw_model, optimizer, fingerprint) if args.resume else 0
+    step = resume_from_checkpoint(run, args, raw_model, optimizer, fingerprint, init_routers) if args.resume else 0
     saved_step = step if args.resume else None  # the step of the checkpoint on disk, if any
 
     accum = args.batch_size // run.world_size // args.micro_batch_size
@@ -446,13 +470,15 @@ def train(args, run: Run, model, raw_model, tok, train_pairs) -> bool:
     last_step = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=run.rank != 0, dynamic_ncols=True)
     t0, positions = time.time(), 0
+    per_source = torch.zeros(2, len(train_set.names), device=run.device)  # since the last log line
     while step < last_step:
         lr = get_lr(step, args.lr, args.warmup_steps, total_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        micro_batches = micro_batches_of_step(run, args, train_pairs, step, steps_per_epoch)
-        sums, n = forward_backward(run, args, model, raw_model, micro_batches, tok.pad_id)
+        micro_batches = micro_batches_of_step(run, args, n_examples, step, steps_per_epoch)
+        sums, step_per_source, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id)
         positions += n
+        per_source += step_per_source
         losses = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one host sync
         if not all(map(math.isfinite, losses.values())):  # before the optimizer step: the weights are still finite
             stop_non_finite(run, f"the loss is not finite (lm {losses['lm']}, contrastive {losses['contrastive']}, "
@@ -467,12 +493,20 @@ def train(args, run: Run, model, raw_model, tok, train_pairs) -> bool:
         step += 1
         bar.update(1)
         if step % args.log_interval == 0 or step == last_step:
-            line = log_step(run, args, raw_model, step, lr, losses, positions * run.world_size / (time.time() - t0))
+            source_losses = None
+            if len(train_set.names) > 1:
+                if run.world_size > 1:
+                    dist.all_reduce(per_source)
+                totals, counts = per_source.tolist()
+                source_losses = {name: total / n for name, total, n in zip(train_set.names, totals, counts) if n}
+            line = log_step(run, args, raw_model, step, lr, losses, positions * run.world_size / (time.time() - t0),
+                            source_losses)
             if run.rank == 0:
                 bar.write(line)
             t0, positions = time.time(), 0
+            per_source.zero_()
         if step % args.save_interval == 0 or step == last_step:
-            save_checkpoint(run, args, raw_model, optimizer, step, fingerprint)
+            save_checkpoint(run, args, raw_model, optimizer, step, fingerprint, init_routers)
             saved_step = step
     bar.close()
     if step < total_steps:
@@ -481,73 +515,281 @@ def train(args, run: Run, model, raw_model, tok, train_pairs) -> bool:
 
 
 # -----------------------------------------------------------------------------------------------------
-# evaluation: greedy generation with the KV cache, graded as LLM-Adapters grades; and the answer loss
+# evaluation: greedy generation with the KV cache, graded as LLM-Adapters grades; the answer loss; a table of
+# the benchmarks; and which experts each benchmark's tokens go to. Every process grades a share of the batches.
+
+COMMONSENSE_NEW_TOKENS = 32  # LLM-Adapters' commonsense_evaluate.py: the answer is one word
+ROUTING_EXAMPLES = 200  # prompts per benchmark for the routing-per-task statistics
+
+
+def my_batches(n_items: int, batch_size: int, run: Run):
+    """(batch number, start) of the batches this process grades: batch b goes to rank b % world_size. The batches
+    are those one process would make, so the results do not depend on the number of processes."""
+    return [(b, i) for b, i in enumerate(range(0, n_items, batch_size)) if b % run.world_size == run.rank]
+
+
+def gather(run: Run, items: list) -> list:
+    """Every process's items, concatenated (on every process)."""
+    if run.world_size == 1:
+        return items
+    everyone = [None] * run.world_size
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
 
 @torch.no_grad()
-def evaluate(args, run: Run, model, tok, test_examples):
-    out_dir = run.out_dir
-    model.eval()
-    # answer loss: mean cross-entropy of the reference solutions given the prompt (teacher forcing). Only
-    # GSM8K's test set has written reference solutions; the LLM-Adapters files' "output" fields were
-    # generated by a model, so no answer loss is reported for those tasks
-    answer_loss = None
-    if args.task == "gsm8k":
-        pairs, _, _ = tokenize_dataset(tok, test_examples, model.args.max_seq_len)
-        loss_sum, n_tok = 0.0, 0
-        for i in range(0, len(pairs), args.eval_batch_size):
-            x, y, _ = collate(pairs[i:i + args.eval_batch_size], tok.pad_id, run.device)
-            with run.autocast():
-                _, loss = model(x, y)
-            n = int((y != IGNORE_INDEX).sum())
-            loss_sum, n_tok = loss_sum + loss.item() * n, n_tok + n
-        answer_loss = loss_sum / max(1, n_tok)
-    # generation, longest prompts first so that a batch holds prompts of similar length
-    prompts = [eval_prompt_tokens(tok, ex) for ex in test_examples]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs = [None] * len(prompts)
-    for i in tqdm(range(0, len(order), args.eval_batch_size), desc=f"eval {args.task}", dynamic_ncols=True):
+def answer_loss(args, run: Run, model, tok, examples) -> float:
+    """Mean cross-entropy of the reference solutions given the prompt (teacher forcing)."""
+    pairs, _, _ = tokenize_dataset(tok, examples, model.args.max_seq_len)
+    parts = []
+    for b, i in my_batches(len(pairs), args.eval_batch_size, run):
+        x, y, _ = collate(pairs[i:i + args.eval_batch_size], tok.pad_id, run.device)
+        with run.autocast():
+            _, loss = model(x, y)
+        parts.append((b, loss.item(), int((y != IGNORE_INDEX).sum())))
+    loss_sum, n_tok = 0.0, 0
+    for _, loss, n in sorted(gather(run, parts)):  # summed in batch order: the same float for any world size
+        loss_sum, n_tok = loss_sum + loss * n, n_tok + n
+    return loss_sum / max(1, n_tok)
+
+
+@torch.no_grad()
+def generate_responses(args, run: Run, model, tok, task: str, examples) -> list:
+    """The decoded response to each example's prompt, in the examples' order."""
+    prompts = [eval_prompt_tokens(tok, ex) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    new_tokens = args.max_new_tokens if task not in COMMONSENSE_TASKS else min(args.max_new_tokens, COMMONSENSE_NEW_TOKENS)
+    mine = my_batches(len(order), args.eval_batch_size, run)
+    responses = []
+    for _, i in tqdm(mine, desc=f"eval {task}", disable=run.rank != 0, dynamic_ncols=True):
         idx = order[i:i + args.eval_batch_size]
-        budget = min(args.max_new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
+        budget = min(new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
         with run.autocast():
             outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
-        for j, o in zip(idx, outs):
-            outputs[j] = tok.decode(o)
-    correct = 0
-    with open(out_dir / f"predictions_{args.task}.jsonl", "w") as f:
-        for ex, text in zip(test_examples, outputs):
-            ok = is_correct(args.task, text, ex["answer"])
-            correct += ok
-            f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted":
-                                extract_answer(args.task, text), "answer": ex["answer"], "correct": ok}) + "\n")
-    metrics = {"task": args.task, "accuracy": correct / len(test_examples), "correct": correct,
-               "n": len(test_examples), "answer_loss": answer_loss,
-               "answer_perplexity": math.exp(answer_loss) if answer_loss is not None else None,
+        responses += [(j, tok.decode(o)) for j, o in zip(idx, outs)]
+    return [text for _, text in sorted(gather(run, responses))]
+
+
+def grade_benchmark(args, run: Run, model, tok, task: str, examples) -> dict:
+    """Accuracy (and, for GSM8K, the answer loss) on one benchmark; rank 0 writes its predictions and metrics."""
+    model.eval()
+    # only GSM8K's test set has written reference solutions; the LLM-Adapters files' "output" fields were
+    # generated by a model, so no answer loss is reported for the other benchmarks
+    loss = answer_loss(args, run, model, tok, examples) if task == "gsm8k" else None
+    responses = generate_responses(args, run, model, tok, task, examples)
+    graded = [is_correct(task, text, ex["answer"]) for ex, text in zip(examples, responses)]
+    metrics = {"task": task, "accuracy": sum(graded) / len(examples), "correct": sum(graded), "n": len(examples),
+               "answer_loss": loss, "answer_perplexity": math.exp(loss) if loss is not None else None,
                "model": args.model or "built-in tiny", "method": args.method}
-    (out_dir / f"metrics_{args.task}.json").write_text(json.dumps(metrics, indent=2))
-    loss_text = f", answer loss {answer_loss:.4f} (perplexity {math.exp(answer_loss):.2f})" if answer_loss is not None else ""
-    run.log(f"{args.task}: accuracy {metrics['accuracy']:.2%} ({correct}/{len(test_examples)}){loss_text}; "
-        f"predictions in {out_dir / f'predictions_{args.task}.jsonl'}")
+    if run.rank == 0:
+        with open(run.out_dir / f"predictions_{task}.jsonl", "w") as f:
+            for ex, text, ok in zip(examples, responses, graded):
+                f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted":
+                                    extract_answer(task, text), "answer": ex["answer"], "correct": ok}) + "\n")
+        (run.out_dir / f"metrics_{task}.json").write_text(json.dumps(metrics, indent=2))
+    loss_text = f", answer loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else ""
+    run.log(f"{task}: accuracy {metrics['accuracy']:.2%} ({metrics['correct']}/{metrics['n']}){loss_text}; "
+            f"predictions in {run.out_dir / f'predictions_{task}.jsonl'}")
     return metrics
+
+
+def results_table(name: str, args, results: dict, missing: dict) -> str:
+    """A Markdown table in the paper's layout: one row for this run, a column per benchmark, then the average."""
+    tasks = list(results) + [t for t in missing if t not in results]
+    graded = [r["accuracy"] for r in results.values()]
+    average = 100 * sum(graded) / len(graded) if graded else float("nan")
+    cells = [f"{100 * results[t]['accuracy']:.1f} ({results[t]['correct']}/{results[t]['n']})" if t in results
+             else "missing" for t in tasks]
+    model = args.model or "built-in tiny"
+    lines = [f"| model | method | {' | '.join(tasks)} | average |", "| --- | --- |" + " ---: |" * (len(tasks) + 1),
+             f"| {model} | {args.method} | {' | '.join(cells)} | {average:.1f} |"]
+    if missing:
+        lines.append(f"\n{name}: the average is over the {len(results)} graded benchmarks; missing: "
+                     + "; ".join(f"{t} ({why})" for t, why in missing.items()))
+    return "\n".join(lines)
+
+
+def write_results(name: str, args, run: Run, results: dict, missing: dict):
+    """results_<name>.json and .md in out_dir (rank 0), and the table in the log."""
+    table = results_table(name, args, results, missing)
+    graded = [r["accuracy"] for r in results.values()]
+    if run.rank == 0:
+        summary = {"task": name, "model": args.model or "built-in tiny", "method": args.method,
+                   "benchmarks": results, "missing": missing,
+                   "average_accuracy": sum(graded) / len(graded) if graded else None}
+        (run.out_dir / f"results_{name}.json").write_text(json.dumps(summary, indent=2))
+        (run.out_dir / f"results_{name}.md").write_text(table + "\n")
+    run.log(table)
+
+
+def entropy_bits(p) -> float:
+    """Entropy in bits of a distribution given as probabilities or as counts."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a certain outcome
+
+
+def mutual_information_bits(counts) -> float:
+    """I(row; column) in bits from a [rows, columns] table of counts, e.g. [tasks, experts]."""
+    joint = np.asarray(counts, dtype=np.float64)
+    joint = joint / joint.sum()
+    return entropy_bits(joint.sum(1)) + entropy_bits(joint.sum(0)) - entropy_bits(joint.flatten())
+
+
+def common_prefix_length(sequences) -> int:
+    n = min(map(len, sequences))
+    for i in range(n):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return n
+
+
+def question_spans(prompts) -> list:
+    """(start, end) of each prompt's question: the prompts minus the template's opening and closing, which
+    every prompt shares (the longest common prefix and suffix, the suffix not reaching into the prefix)."""
+    prefix = common_prefix_length(prompts)
+    suffix = min(common_prefix_length([p[::-1] for p in prompts]), min(len(p) for p in prompts) - prefix)
+    return [(prefix, len(p) - suffix) for p in prompts]
+
+
+@torch.no_grad()
+def routing_counts(args, run: Run, model, tok, tests: dict) -> dict:
+    """{layer: (top1 [tasks, experts], slots [tasks, experts])}: how often the tokens of each benchmark's questions
+    have an expert as their first choice, and among their k choices. The Alpaca template around the question is
+    left out: the same in every task, it would dilute what the routing says about the tasks."""
+    prompts = {task: [eval_prompt_tokens(tok, ex) for ex in examples[:ROUTING_EXAMPLES]] for task, examples in tests.items()}
+    spans = iter(question_spans([p for ps in prompts.values() for p in ps]))
+    layers = moelora_layers(model)
+    counts = {name: (np.zeros((len(tests), layer.config.num_experts), dtype=np.int64),
+                     np.zeros((len(tests), layer.config.num_experts), dtype=np.int64)) for name, layer in layers}
+    model.eval()
+    for t, ps in enumerate(prompts.values()):
+        for i in range(0, len(ps), args.eval_batch_size):
+            batch = ps[i:i + args.eval_batch_size]
+            x, _, _ = collate([(p, p) for p in batch], tok.pad_id, run.device)
+            counted = torch.zeros(x.shape, dtype=torch.bool, device=x.device)  # [B, T]: the questions' tokens
+            for row, (start, end) in enumerate(next(spans) for _ in batch):
+                counted[row, start:end] = True
+            with moelora_token_mask(model, counted), run.autocast():
+                model(x)
+            for name, layer in layers:
+                top_idx = layer.last_top_idx[layer.last_real].cpu()  # [m, k], best first
+                N = layer.config.num_experts
+                counts[name][0][t] += np.bincount(top_idx[:, 0].numpy(), minlength=N)
+                counts[name][1][t] += np.bincount(top_idx.flatten().numpy(), minlength=N)
+    return counts
+
+
+@contextlib.contextmanager
+def adapters_as_initialised(model, init_routers: dict):
+    """The adapters as they were at step 0 (B = 0, the routers as drawn), for the untrained-router control."""
+    saved = {}
+    for name, layer in moelora_layers(model):
+        saved[name] = (layer.lora_B.detach().clone(), layer.router.weight.detach().clone())
+        layer.lora_B.data.zero_()
+        layer.router.weight.data.copy_(init_routers[name])
+    try:
+        yield
+    finally:
+        for name, layer in moelora_layers(model):
+            layer.lora_B.data.copy_(saved[name][0])
+            layer.router.weight.data.copy_(saved[name][1])
+
+
+def routing_per_task(args, run: Run, model, tok, tests: dict, init_routers) -> dict:
+    """Each benchmark's expert share per adapted layer and I(task; top-1 expert) per layer, after training and,
+    as the control, with the routers as drawn at step 0 (an untrained router already routes by content)."""
+    runs = {"trained": routing_counts(args, run, model, tok, tests)}
+    if init_routers is not None:
+        with adapters_as_initialised(model, init_routers):
+            runs["initial"] = routing_counts(args, run, model, tok, tests)
+    h_task = entropy_bits(next(iter(runs["trained"].values()))[0].sum(1))
+    report = {"tasks": list(tests), "h_task_bits": h_task, "tokens_per_task": None, "layers": {}}
+    for name in runs["trained"]:
+        report["layers"][name] = {}
+        for which, counts in runs.items():
+            top1, slots = counts[name]
+            report["tokens_per_task"] = top1.sum(1).tolist()
+            report["layers"][name][which] = {
+                "expert_share": (slots / slots.sum(1, keepdims=True).clip(min=1)).round(4).tolist(),  # [tasks, experts]
+                "top1_counts": top1.tolist(), "mi_bits": mutual_information_bits(top1)}
+    for which in runs:
+        report[f"mean_mi_bits_{which}"] = float(np.mean([v[which]["mi_bits"] for v in report["layers"].values()]))
+    return report
 
 
 # -----------------------------------------------------------------------------------------------------
 # main: settings, data, base model, adapters; then train and grade
 
-def load_examples(args):
-    """(test examples, training examples, data directory); a missing or malformed file is one clear error."""
+@dataclass
+class TrainSet:
+    pairs: list  # (tokens, labels) per example
+    sources: list  # the index in names of each example's source
+    names: list  # the sources: one task, a training file, or the tasks of a family's mixture
+
+
+def load_tests(args, data_dir):
+    """({benchmark: test examples}, {benchmark: why it is missing}), whole: --eval_limit applies after the training
+    set is checked against them. A single --task must be there; of a family or an --eval_tasks list, a benchmark
+    whose file is absent is reported, and the others are graded."""
+    family = FAMILIES.get(args.task)
+    benchmarks = args.eval_tasks.split(",") if args.eval_tasks else list(family or [args.task])
+    unknown = [b for b in benchmarks if b not in ALL_TASKS]
+    if unknown:
+        raise SystemExit(f"error: --eval_tasks: unknown benchmark(s) {', '.join(unknown)}; the benchmarks are: "
+                         f"{', '.join(ALL_TASKS)}")
+    if len(benchmarks) == 1 and not family:
+        try:
+            tests, missing = {benchmarks[0]: load_split(benchmarks[0], "test", data_dir)}, {}
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
+    else:
+        tests, missing = load_benchmarks(benchmarks, data_dir)
+    return tests, missing
+
+
+def load_training_examples(args, run: Run, data_dir, tests: dict) -> list:
+    """The training examples, each with a "source". A family trains on --train_file or on the mixture of the
+    train splits it has, without the questions that any of its benchmarks asks."""
     try:
-        data_dir = find_data_dir(args.data_dir)
-        test_examples = load_split(args.task, "test", data_dir)
-        train_examples = [] if args.eval_only else load_split(args.task, "train", data_dir, args.train_file)
+        if args.task in FAMILIES:
+            examples, report = load_mixture(args.task, data_dir, args.train_file, test_sets=tests)
+            for line in format_mixture_report(report):
+                run.log(line)
+            return examples
+        examples = load_split(args.task, "train", data_dir, args.train_file)
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    if args.eval_limit:
-        test_examples = test_examples[:args.eval_limit]
-    return test_examples, train_examples, data_dir
+    source = Path(args.train_file).stem if args.train_file else args.task
+    shared = {task: len(idx) for task, idx in overlaps(examples, tests).items() if idx}
+    if shared:
+        run.log("WARNING: the training examples share questions with the graded benchmarks: " + ", ".join(
+            f"{n} with {task} (of its {len(tests[task])})" for task, n in shared.items())
+            + ". A model trained on them is graded on questions it has seen.")
+    return [dict(ex, source=source) for ex in examples]
+
+
+def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> TrainSet:
+    names = list(dict.fromkeys(ex["source"] for ex in examples))  # in order of appearance
+    pairs, sources, n_trunc, n_drop = [], [], 0, 0
+    for s, name in enumerate(names):
+        p, t, d = tokenize_dataset(tok, [ex for ex in examples if ex["source"] == name], max_seq_len)
+        pairs += p
+        sources += [s] * len(p)
+        n_trunc, n_drop = n_trunc + t, n_drop + d
+    run.log(f"{len(examples)} training examples: {n_trunc} truncated to {max_seq_len} tokens, "
+            f"{n_drop} dropped (prompt alone over the cutoff)")
+    if len(names) > 1:
+        run.log("sources, shuffled together (each epoch visits every example once): " + ", ".join(
+            f"{name} {sources.count(s):,} ({sources.count(s) / len(pairs):.1%})" for s, name in enumerate(names)))
+    if not pairs:
+        raise SystemExit("error: no training example is left after tokenization")
+    return TrainSet(pairs, sources, names)
 
 
 def load_base(args, run: Run, model_path, dtype):
-    """The frozen base model and its tokenizer, with the adapters of --method injected (none for full)."""
+    """The frozen base model and its tokenizer, with the adapters of --method injected (none for full), and the
+    routers as drawn (for the untrained-router control of the routing statistics; None without routers)."""
     try:
         model = Transformer.from_pretrained(model_path, dtype=dtype, device=run.device)
         tok = Tokenizer.from_dir(model_path)
@@ -557,6 +799,7 @@ def load_base(args, run: Run, model_path, dtype):
         raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
     run.log(f"base model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{dtype}, {run.device}, autocast {run.amp_dtype})")
+    init_routers = None
     if args.method == "full":
         model.requires_grad_(True)
     else:
@@ -566,8 +809,10 @@ def load_base(args, run: Run, model_path, dtype):
             raise SystemExit(f"error: {e}")
         mark_only_moelora_as_trainable(model)
         model.to(run.device)
+        if args.method == "moelora":
+            init_routers = {name: layer.router.weight.detach().clone() for name, layer in moelora_layers(model)}
     model.grad_checkpointing = args.grad_checkpointing
-    return model, tok
+    return model, tok, init_routers
 
 
 def main(argv=None):
@@ -585,44 +830,53 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed + rank)
 
-    test_examples, train_examples, data_dir = load_examples(args)
+    data_dir = find_data_dir(args.data_dir)
+    tests, missing = load_tests(args, data_dir)
+    train_examples = [] if args.eval_only else load_training_examples(args, run, data_dir, tests)
+    if args.eval_limit:
+        tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
     model_path = args.model
     if model_path is None:
         if rank == 0:
-            tiny_examples = train_examples or load_split(args.task, "train", data_dir, args.train_file)
+            tiny_examples = train_examples or load_training_examples(args, run, data_dir, tests)
             build_tiny_base(run.out_dir, args.task, tiny_examples, args.pretrain_steps, args.seed, run.log)
         if world_size > 1:
             dist.barrier()  # the other processes wait for rank 0 to build the tiny base
         model_path = run.out_dir / f"tiny_base_{args.task}"
     # a frozen base can be stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights
-    model, tok = load_base(args, run, model_path, amp_dtype if args.method != "full" else torch.float32)
+    model, tok, init_routers = load_base(args, run, model_path, amp_dtype if args.method != "full" else torch.float32)
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
 
     if not args.eval_only:
-        pairs, n_trunc, n_drop = tokenize_dataset(tok, train_examples, min(args.max_seq_len, model.args.max_seq_len))
-        run.log(f"{len(train_examples)} training examples: {n_trunc} truncated to {args.max_seq_len} tokens, "
-                f"{n_drop} dropped (prompt alone over the cutoff)")
-        if not pairs:
-            raise SystemExit("error: no training example is left after tokenization")
+        train_set = tokenize_train_set(args, run, tok, train_examples, min(args.max_seq_len, model.args.max_seq_len))
         if args.compile:
             model = torch.compile(model)
         if world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        if not train(args, run, model, raw_model, tok, pairs):
+        if not train(args, run, model, raw_model, tok, train_set, init_routers):
             return None
     elif (run.out_dir / "ckpt.pt").exists():
         ckpt = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, base_fingerprint(raw_model))
+        init_routers = ckpt.get("init_routers")
         run.log(f"evaluating {run.out_dir / 'ckpt.pt'} (step {ckpt['step']})")
     else:
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
-    metrics = None
-    if rank == 0:
-        metrics = evaluate(args, run, raw_model, tok, test_examples)
+    # every process grades a share of each benchmark; rank 0 writes the files
+    results = {task: grade_benchmark(args, run, raw_model, tok, task, examples) for task, examples in tests.items()}
+    if len(tests) > 1 or missing:
+        write_results(args.task, args, run, results, missing)
+    if args.method == "moelora" and len(tests) > 1 and rank == 0:
+        routing = routing_per_task(args, run, raw_model, tok, tests, init_routers)
+        (run.out_dir / f"routing_{args.task}.json").write_text(json.dumps(routing, indent=2))
+        control = (f"; with the routers as drawn at step 0: {routing['mean_mi_bits_initial']:.3f}"
+                   if "mean_mi_bits_initial" in routing else "")
+        run.log(f"routing per task: I(task; top-1 expert) {routing['mean_mi_bits_trained']:.3f} bits, mean over the "
+                f"adapted layers, of H(task) = {routing['h_task_bits']:.3f}{control}; in {run.out_dir / f'routing_{args.task}.json'}")
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return metrics
+    return results if len(results) > 1 else next(iter(results.values()))
 
 
 if __name__ == "__main__":

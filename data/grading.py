@@ -10,10 +10,11 @@ so that accuracies are comparable with the tables of LLM-Adapters and MoELoRA.
     commonsense
         the FIRST occurrence of the task's answer words, compared with the gold word (case-sensitive):
         boolq true|false, piqa solution1|solution2, siqa arc_e arc_c obqa answer1..answer5,
-        winogrande option1|option2.
+        hellaswag ending1..ending4, winogrande option1|option2.
 
 Pass only the generated response, never the prompt: the prompt holds numbers, the choices' letters and
-"Answer format: answer1/answer2/...", and LLM-Adapters grades the text after "### Response:".
+"Answer format: answer1/answer2/...", and LLM-Adapters grades the text after "### Response:". (HellaSwag's
+prompt writes its choices "Ending1: ..."; only the lower-case "ending1" of a response counts.)
 
 Faithful quirks, kept on purpose because the published numbers were computed with them:
 - the AQuA rule takes any capital A-E, also inside a word: "Each ..." reads as E, "A: ..." as A;
@@ -36,6 +37,7 @@ ANSWER_PATTERNS = {
     "arc_e": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
     "arc_c": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
     "obqa": re.compile(r"answer1|answer2|answer3|answer4|answer5"),
+    "hellaswag": re.compile(r"ending1|ending2|ending3|ending4"),
     "winogrande": re.compile(r"option1|option2"),
 }
 

@@ -1,6 +1,6 @@
 """
-The 14 tasks of the LLM-Adapters protocol: where their files live, how a missing file is fetched, and how
-each file becomes a list of examples.
+The 15 tasks of the LLM-Adapters protocol and the paper's two benchmark families: where their files live,
+how a missing file is fetched, and how each file becomes a list of examples.
 
 An example is a plain dict with four strings:
     instruction  the question (for multiple choice: with the choices and the answer format)
@@ -8,14 +8,16 @@ An example is a plain dict with four strings:
     output       the response the model is trained to write
     answer       the gold label grading.py compares with: a number for math ("72", "1.5"), an option
                  letter for AQuA ("A".."E"), an answer word for commonsense ("true", "solution2",
-                 "answer3", "option1")
+                 "answer3", "ending4", "option1")
 
 A data directory holds (the layout of ../shared/data):
     gsm8k/train.jsonl, gsm8k/test.jsonl                  the official GSM8K (openai/grade-school-math)
     llm-adapters/dataset/<Folder>/test.json              LLM-Adapters' test sets, one folder per task
     llm-adapters/dataset/<Folder>/train.json             train splits of boolq, ARC-Easy, ARC-Challenge, openbookqa
     llm-adapters/dataset/mawps/trainset.json             MAWPS' train split (its own keys, converted here)
-A file that is missing is downloaded once from GitHub into the data directory.
+A file that is missing is downloaded once from GitHub into the data directory; MOELORA_OFFLINE=1 in the
+environment skips the download and fails at once (a machine whose firewall drops packets would otherwise
+wait for the 60 s timeout on every missing file).
 """
 import json
 import os
@@ -26,14 +28,22 @@ import urllib.request
 from pathlib import Path
 
 MATH_TASKS = ("gsm8k", "addsub", "aqua", "multiarith", "singleeq", "svamp", "mawps")
-COMMONSENSE_TASKS = ("boolq", "piqa", "siqa", "winogrande", "arc_e", "arc_c", "obqa")
+COMMONSENSE_TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 ALL_TASKS = MATH_TASKS + COMMONSENSE_TASKS
+
+# The paper's two tables, in its column order: one adapter is trained on the family's pooled set (Math10K,
+# Commonsense170K) and graded on each benchmark. mawps is no column of the math table, but stays a task of its own.
+FAMILIES = {
+    "math": ("addsub", "aqua", "gsm8k", "multiarith", "singleeq", "svamp"),
+    "commonsense": ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"),
+}
 
 # the folder of each task in LLM-Adapters' dataset/ directory
 TASK_FOLDERS = {
     "gsm8k": "gsm8k", "addsub": "AddSub", "aqua": "AQuA", "multiarith": "MultiArith", "singleeq": "SingleEq",
     "svamp": "SVAMP", "mawps": "mawps", "boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa",
     "winogrande": "winogrande", "arc_e": "ARC-Easy", "arc_c": "ARC-Challenge", "obqa": "openbookqa",
+    "hellaswag": "hellaswag",
 }
 
 # the tasks that ship a train split in LLM-Adapters' dataset/ (gsm8k's comes from the official release);
@@ -70,16 +80,25 @@ def source_url(relative: str) -> str:
 
 
 def download(url: str, dest: Path):
-    """Fetch url into dest through a temporary file, so an interrupted download never looks finished."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, f)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Fetch url into dest through a temporary file, so an interrupted download never looks finished. The
+    folder is made once the server answers, so that a failed attempt (offline) leaves no empty folder."""
+    with urllib.request.urlopen(url, timeout=60) as response:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(response, f)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def missing_file(path: Path, relative: str, why: str) -> DataError:
+    return DataError(
+        f"{path.resolve()} is missing and {why}.\n"
+        f"Download that file on a machine with network access and put it at {path.resolve()}, or point "
+        f"--data_dir (or the MOELORA_DATA_DIR environment variable) at a directory that holds {relative}.")
 
 
 def fetch(data_dir: Path, relative: str) -> Path:
@@ -88,15 +107,13 @@ def fetch(data_dir: Path, relative: str) -> Path:
     if path.is_file():
         return path
     url = source_url(relative)
+    if os.environ.get("MOELORA_OFFLINE") == "1":
+        raise missing_file(path, relative, f"MOELORA_OFFLINE=1 forbids downloading it from {url}")
     print(f"downloading {url} -> {path}")
     try:
         download(url, path)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors too
-        raise DataError(
-            f"{path.resolve()} is missing and could not be downloaded from {url} ({e}).\n"
-            f"Download that file on a machine with network access and put it at {path.resolve()}, or point "
-            f"--data_dir (or the MOELORA_DATA_DIR environment variable) at a directory that holds {relative}."
-        ) from None
+        raise missing_file(path, relative, f"could not be downloaded from {url} ({e})") from None
     return path
 
 

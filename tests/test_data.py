@@ -1,6 +1,7 @@
 """
 Tests of data/: the task loaders on the real files in ../shared/data, the prompt and its loss mask with the
-real LLaMA-2 tokenizer, LLM-Adapters' grading on every gold answer, and the error messages for bad input.
+real LLaMA-2 tokenizer, LLM-Adapters' grading on every gold answer, the error messages for bad input, and the
+family mixtures with the questions they share with the test sets (counted on the real files).
 Nothing here touches the network: every test runs with the download function replaced by one that fails.
 """
 import json
@@ -12,8 +13,11 @@ from conftest import shared_path
 
 from data import grading, tasks
 from data.grading import extract_answer, is_correct
+from data.mixtures import (MIXTURE_SOURCES, format_mixture_report, load_benchmarks, load_family_tests,
+                           load_mixture, normalize_question, overlaps, shared_questions)
 from data.prompts import IGNORE_INDEX, eval_prompt_tokens, format_prompt, tokenize_dataset, tokenize_example
-from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, MATH_TASKS, DataError, find_data_dir, load_split
+from data.tasks import (ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, MATH_TASKS, DataError, find_data_dir,
+                        load_split, load_train_file)
 
 REAL_DOWNLOAD = tasks.download  # kept for the one test that downloads from a local file:// URL
 
@@ -41,10 +45,20 @@ def llama_tokenizer():
 # task tables and the data directory
 
 def test_task_tables():
-    assert len(ALL_TASKS) == 14 and set(tasks.TASK_FOLDERS) == set(ALL_TASKS)
+    assert len(ALL_TASKS) == 15 and set(tasks.TASK_FOLDERS) == set(ALL_TASKS)
     assert tasks.TASK_FOLDERS["siqa"] == "social_i_qa" and tasks.TASK_FOLDERS["arc_c"] == "ARC-Challenge"
+    assert tasks.TASK_FOLDERS["hellaswag"] == "hellaswag" and "hellaswag" in COMMONSENSE_TASKS
     assert set(grading.NUMBER_TASKS) | {"aqua"} == set(MATH_TASKS)
     assert set(grading.ANSWER_PATTERNS) == set(COMMONSENSE_TASKS) | {"aqua"}
+    # the paper's tables; a family name is not a task (train.py offers both)
+    assert FAMILIES["math"] == ("addsub", "aqua", "gsm8k", "multiarith", "singleeq", "svamp")
+    assert FAMILIES["commonsense"] == ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
+    assert set(FAMILIES["math"]) == set(MATH_TASKS) - {"mawps"}
+    assert set(FAMILIES["commonsense"]) == set(COMMONSENSE_TASKS)
+    assert not set(FAMILIES) & set(ALL_TASKS)
+    for family, sources in MIXTURE_SOURCES.items():
+        assert all(source in tasks.TRAIN_FILES or source == "gsm8k" for source in sources)
+        assert set(sources) <= set(MATH_TASKS if family == "math" else COMMONSENSE_TASKS)
 
 
 def test_find_data_dir_order(monkeypatch, tmp_path):
@@ -173,7 +187,7 @@ COMMONSENSE_WORDS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution
                      "winogrande": ["option1", "option2"]}
 
 
-@pytest.mark.parametrize("task", COMMONSENSE_TASKS)
+@pytest.mark.parametrize("task", [t for t in COMMONSENSE_TASKS if t != "hellaswag"])  # no hellaswag file here
 def test_commonsense_gold_grades_100_percent(task):
     examples = real_split(task, "test")
     golds = [e["answer"] for e in examples]
@@ -201,7 +215,29 @@ def test_grading_rules():
     assert extract_answer("aqua", "Each train ... The answer is (D).") == "E"  # the faithful quirk
     assert extract_answer("winogrande", "I pick option2") == "option2"
     with pytest.raises(ValueError, match="arc_e"):
-        extract_answer("hellaswag", "ending1")
+        extract_answer("squad", "ending1")
+
+
+def test_hellaswag_grading(tmp_path, monkeypatch):
+    # no hellaswag file here: one record in LLM-Adapters' format, "downloaded" from nowhere
+    def fake_download(url, dest):
+        write(dest, json.dumps([{
+            "instruction": "Please choose the correct ending to complete the given sentence: Playing drums: People "
+                           "are standing behind large drums. A man\n\nEnding1: is playing a bag pipe. Ending2: starts "
+                           "to play around the drums. Ending3: begins playing a drum set. Ending4: begins playing the "
+                           "drums.\n\nAnswer format: ending1/ending2/ending3/ending4",
+            "input": "", "output": "the correct answer is ending4", "answer": "ending4"}]))
+    monkeypatch.setattr(tasks, "download", fake_download)
+    example = load_split("hellaswag", "test", tmp_path)[0]
+    assert example["answer"] == "ending4" and is_correct("hellaswag", example["output"], "ending4")
+    assert (tmp_path / "llm-adapters/dataset/hellaswag/test.json").is_file()
+    assert extract_answer("hellaswag", "ending2, not ending4") == "ending2"  # the first one given
+    assert extract_answer("hellaswag", "Ending4") is None  # case-sensitive: the prompt's "Ending4:" never counts
+    assert extract_answer("hellaswag", "ending5") is None  # four endings only
+    assert not is_correct("hellaswag", "the correct answer is ending1", "ending4")
+    assert not is_correct("hellaswag", "no idea", "ending4")
+    with pytest.raises(DataError, match="--train_file.*Commonsense170K"):
+        load_split("hellaswag", "train", tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -316,7 +352,7 @@ def test_empty_and_wrongly_shaped_datasets(tmp_path):
 
 def test_unknown_task_and_split():
     with pytest.raises(DataError) as error:
-        load_split("hellaswag", "test")
+        load_split("squad", "test")
     assert all(task in str(error.value) for task in ALL_TASKS)
     with pytest.raises(DataError, match="train, test"):
         load_split("gsm8k", "validation")
@@ -334,6 +370,15 @@ def test_offline_without_a_copy_says_where_to_put_it(tmp_path):
     with pytest.raises(DataError) as error:
         load_split("arc_c", "test", tmp_path)
     assert str((tmp_path / "llm-adapters/dataset/ARC-Challenge/test.json").resolve()) in str(error.value)
+
+
+def test_offline_switch_skips_the_download(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tasks, "download", lambda url, dest: calls.append(url))
+    monkeypatch.setenv("MOELORA_OFFLINE", "1")
+    with pytest.raises(DataError, match="MOELORA_OFFLINE=1 forbids downloading") as error:
+        load_split("gsm8k", "test", tmp_path)
+    assert "--data_dir" in str(error.value) and calls == [] and not (tmp_path / "gsm8k").exists()
 
 
 def test_missing_file_is_downloaded_once(tmp_path, monkeypatch):
@@ -357,3 +402,156 @@ def test_download_is_atomic(tmp_path):
     with pytest.raises(OSError):
         REAL_DOWNLOAD((tmp_path / "src/absent.jsonl").as_uri(), tmp_path / "cache/gsm8k/train.jsonl")
     assert sorted(p.name for p in dest.parent.iterdir()) == ["test.jsonl"]  # no partial file left behind
+    with pytest.raises(OSError):
+        REAL_DOWNLOAD((tmp_path / "src/absent.jsonl").as_uri(), tmp_path / "cache/hellaswag/test.json")
+    assert not (tmp_path / "cache/hellaswag").exists()  # nor an empty folder
+
+
+# -----------------------------------------------------------------------------
+# family mixtures and the questions they share with the test sets
+
+def question(example):
+    """The rule written out again: whole instruction, lower case, whitespace collapsed (input is empty here)."""
+    return " ".join(example["instruction"].lower().split())
+
+
+def asked(examples):
+    return {question(e) for e in examples}
+
+
+def fake(*questions):
+    return [{"instruction": q, "input": "", "output": "The answer is 1.", "answer": "1"} for q in questions]
+
+
+def test_question_matching_rule():
+    assert normalize_question("  How many\n\nApples ?\t") == "how many apples ?"
+    train = fake("Tom has 3 apples .", "tom  has 3\napples .", "Tom has 4 apples.", "Tom has 3 apples")
+    found = overlaps(train, {"a": fake("TOM HAS 3 APPLES ."), "b": fake("no such question"), "c": []})
+    assert found == {"a": {0, 1}, "b": set(), "c": set()}  # punctuation still counts: "apples" != "apples ."
+    assert shared_questions(train, fake("tom has 3 apples .", "Tom has 4 apples.")) == \
+        {"tom has 3 apples .", "tom has 4 apples."}
+
+
+# measured by hand before this code existed (../shared/README.md): distinct questions shared
+MATH_DATA_SHARES = {"addsub": 316, "aqua": 203, "gsm8k": 1055, "multiarith": 471, "singleeq": 406, "svamp": 800}
+
+
+def test_math_data_shares_most_of_the_math_benchmarks():
+    path = shared_path("data/llm-adapters/ft-training_set/math_data.json")
+    math_data = load_train_file(path)
+    assert len(math_data) == 3260
+    for task, n in MATH_DATA_SHARES.items():
+        assert len(shared_questions(math_data, real_split(task, "test"))) == n, task
+    # LLM-Adapters' own copy of GSM8K test asks the same questions as the official file we grade on
+    adapters_gsm8k = load_train_file(shared_path("data/llm-adapters/dataset/gsm8k/test.json"))
+    assert asked(adapters_gsm8k) == asked(real_split("gsm8k", "test"))
+
+    # as --train_file it is kept whole, and the report says what it shares with each benchmark
+    examples, report = load_mixture("math", shared_path("data"), train_file=path)
+    assert len(examples) == 3260 and {e["source"] for e in examples} == {"math_data"}
+    assert report["sources"] == {"math_data": {"loaded": 3260, "kept": 3260, "dropped": {}, "questions": {}}}
+    shares = report["train_file_overlap"]["benchmarks"]
+    assert list(shares) == list(FAMILIES["math"])
+    assert {task: c["questions"] for task, c in shares.items()} == MATH_DATA_SHARES
+    seen = asked(math_data)
+    assert shares["multiarith"]["test_examples"] == sum(question(e) in seen for e in real_split("multiarith", "test"))
+    warning = format_mixture_report(report)[1]
+    assert warning.startswith("WARNING: --train_file math_data.json shares questions with addsub 316 (asked by 316 "
+                              "of its 395 test examples)")
+    assert "svamp 800 (asked by 800 of its 1,000" in warning and "questions it has seen" in warning
+
+
+def test_mawps_train_shares_addsub_and_gsm8k_train_shares_nothing():
+    assert len(shared_questions(real_split("mawps", "train"), real_split("addsub", "test"))) == 321
+    assert len(shared_questions(real_split("gsm8k", "train"), real_split("gsm8k", "test"))) == 0
+
+
+def test_family_tests_in_table_order_with_limit():
+    tests, missing = load_family_tests("math", shared_path("data"), limit=3)
+    assert list(tests) == list(FAMILIES["math"]) and missing == {}
+    for task, examples in tests.items():
+        assert examples == real_split(task, "test")[:3]
+    with pytest.raises(DataError, match="the families are: math, commonsense"):
+        load_family_tests("code", shared_path("data"))
+    tests, missing = load_benchmarks(["svamp", "hellaswag", "addsub"], shared_path("data"), limit=2)  # --eval_tasks
+    assert list(tests) == ["svamp", "addsub"] and list(missing) == ["hellaswag"]
+    assert tests["addsub"] == real_split("addsub", "test")[:2]
+
+
+def test_missing_benchmark_is_reported_and_the_others_load(tmp_path):
+    tests, missing = load_family_tests("commonsense", shared_path("data"))  # download fails (autouse _offline)
+    assert list(tests) == [t for t in FAMILIES["commonsense"] if t != "hellaswag"]
+    assert list(missing) == ["hellaswag"] and "\n" not in missing["hellaswag"]
+    assert "hellaswag/test.json is missing and could not be downloaded" in missing["hellaswag"]
+    # an empty data directory: every benchmark missing, each with its own reason, nothing raised
+    tests, missing = load_family_tests("math", tmp_path)
+    assert tests == {} and list(missing) == list(FAMILIES["math"]) and "AQuA/test.json" in missing["aqua"]
+
+
+def test_stand_in_math_mixture_drops_exactly_the_shared_questions():
+    examples, report = load_mixture("math", shared_path("data"))
+    tests = {task: asked(real_split(task, "test")) for task in FAMILIES["math"]}
+    test_questions = set().union(*tests.values())
+    expected = []
+    for source in ("gsm8k", "mawps"):
+        train = real_split(source, "train")
+        kept = [e for e in train if question(e) not in test_questions]
+        expected += [dict(e, source=source) for e in kept]
+        counts = report["sources"][source]
+        assert (counts["loaded"], counts["kept"]) == (len(train), len(kept))
+        for task, test in tests.items():
+            assert counts["dropped"][task] == sum(question(e) in test for e in train)
+            assert counts["questions"][task] == len(asked(train) & test)
+    assert examples == expected  # file order, sources in order, tagged
+    assert list(report["sources"]) == ["gsm8k", "mawps"] and report["unchecked"] == []
+    mawps = report["sources"]["mawps"]
+    assert mawps["questions"]["addsub"] == 321 and mawps["dropped"]["addsub"] >= 321  # MAWPS repeats some
+    assert mawps["loaded"] - mawps["kept"] == mawps["dropped"]["addsub"]  # addsub is the only one it shares
+    assert format_mixture_report(report) == [
+        f"mixture: gsm8k 7,473 kept of 7,473; mawps {mawps['kept']:,} kept of 1,898 "
+        f"(dropped: {mawps['dropped']['addsub']:,} asking 321 addsub questions)"]
+    json.dumps(report)  # plain data: train.py logs it
+
+
+def test_commonsense_mixture_loads_and_says_what_it_could_not_check():
+    tests, missing = load_family_tests("commonsense", shared_path("data"))
+    examples, report = load_mixture("commonsense", shared_path("data"), test_sets=tests)
+    assert list(report["sources"]) == list(MIXTURE_SOURCES["commonsense"])
+    assert report["unchecked"] == ["hellaswag"] and report["train_file_overlap"] is None
+    test_questions = set().union(*(asked(t) for t in tests.values()))
+    tests = {task: asked(t) for task, t in tests.items()}
+    n = 0
+    for source in MIXTURE_SOURCES["commonsense"]:
+        train = real_split(source, "train")
+        n_shared = sum(question(e) in test_questions for e in train)
+        counts = report["sources"][source]
+        assert (counts["loaded"], counts["kept"]) == (len(train), len(train) - n_shared)
+        for task, test in tests.items():
+            assert counts["dropped"][task] == sum(question(e) in test for e in train)
+            assert counts["questions"][task] == len(asked(train) & test)
+        assert [e for e in examples if e["source"] == source] == \
+            [dict(e, source=source) for e in train if question(e) not in test_questions]
+        n += len(train) - n_shared
+    assert len(examples) == n
+    lines = format_mixture_report(report)
+    assert lines[0].startswith("mixture: boolq 9,427 kept of 9,427; arc_e ")
+    assert lines[-1] == "not checked for shared questions (no test set here): hellaswag"
+
+
+def test_train_file_overlap_is_reported_not_dropped(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(fake("What is 1 + 1 ?", "what is 1 +  1 ?", "Something new.")))
+    test_sets = {"addsub": fake("WHAT IS 1 + 1 ?", "What is 2 + 2 ?"), "svamp": fake("What is 3 + 3 ?")}
+    examples, report = load_mixture("math", tmp_path / "no-data", train_file=path, test_sets=test_sets)
+    assert [e["instruction"] for e in examples] == ["What is 1 + 1 ?", "what is 1 +  1 ?", "Something new."]
+    assert {e["source"] for e in examples} == {"mine"}
+    assert report["sources"] == {"mine": {"loaded": 3, "kept": 3, "dropped": {}, "questions": {}}}
+    assert report["train_file_overlap"] == {"file": "mine.json", "benchmarks": {
+        "addsub": {"questions": 1, "train_examples": 2, "test_examples": 1, "test_size": 2},
+        "svamp": {"questions": 0, "train_examples": 0, "test_examples": 0, "test_size": 1}}}
+    assert report["unchecked"] == ["aqua", "gsm8k", "multiarith", "singleeq"]
+    assert format_mixture_report(report) == [
+        "mixture: mine 3 kept of 3",
+        "WARNING: --train_file mine.json shares questions with addsub 1 (asked by 1 of its 2 test examples): a model "
+        "trained on it and graded on those benchmarks is graded on questions it has seen",
+        "not checked for shared questions (no test set here): aqua, gsm8k, multiarith, singleeq"]

@@ -118,8 +118,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    # no dropout and no contrastive sampling: then 2 processes x 1 micro-batch must equal 1 process x 2
-    common = ["--lora_dropout", "0", "--contrastive_weight", "0", "--eval_limit", "1", "--max_new_tokens", "1"]
+    # no dropout and no contrastive sampling: then 2 processes x 1 micro-batch must equal 1 process x 2;
+    # on a family's mixture, so that the per-source losses are gathered from both processes too
+    common = ["--lora_dropout", "0", "--contrastive_weight", "0", "--eval_limit", "1", "--max_new_tokens", "1",
+              "--task", "math", "--eval_tasks", "gsm8k"]
     single = run_script(["train.py", *small_run(tmp_path / "single", *common)])
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_script(["--standalone", "--nproc_per_node=2", "train.py", *small_run(tmp_path / "ddp", *common)],
@@ -129,6 +131,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     a, b = adapter_weights(tmp_path / "single" / "ckpt.pt"), adapter_weights(tmp_path / "ddp" / "ckpt.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    logs = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("single", "ddp")]
+    assert set().union(*(r["loss_per_source"] for r in logs[0])) == {"gsm8k", "mawps"}
+    for one, two in zip(*logs):  # the sources that the steps since the last line drew
+        assert one["loss_per_source"].keys() == two["loss_per_source"].keys()
+        for source in one["loss_per_source"]:
+            assert one["loss_per_source"][source] == pytest.approx(two["loss_per_source"][source], rel=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -173,3 +181,105 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         train.main(small_run(tmp_path / "fresh", "--resume"))
     with pytest.raises(SystemExit, match="cannot load --model"):
         train.main(small_run(tmp_path) + ["--model", str(tmp_path)])
+
+
+# --- the paper's protocol: a family's mixture, every benchmark graded, routing per task
+
+def family_run(out_dir, task, *extra, model="stories260K-hf"):
+    """A run of seconds on a family: 2 steps, 3 questions per benchmark, short answers."""
+    argv = ["--task", task, "--data_dir", str(shared_path("data")), "--out_dir", str(out_dir), "--max_steps", "2",
+            "--batch_size", "4", "--micro_batch_size", "4", "--max_seq_len", "256", "--eval_limit", "3",
+            "--max_new_tokens", "4", "--eval_batch_size", "4", "--log_interval", "1", "--num_experts", "4",
+            "--contrastive_samples", "64", *extra]
+    return argv + (["--model", str(shared_path(f"models/{model}"))] if model else ["--pretrain_steps", "2"])
+
+
+def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys):
+    train.main(family_run(tmp_path, "math", model=None))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    # the stand-in mixture: GSM8K and MAWPS train splits, without the questions the benchmarks ask
+    assert "mawps" in text and "321" in text  # MAWPS' train split repeats 321 AddSub questions
+    results = json.loads((tmp_path / "results_math.json").read_text())
+    assert list(results["benchmarks"]) == list(train.FAMILIES["math"]) and results["missing"] == {}
+    assert all(r["n"] == 3 for r in results["benchmarks"].values())
+    mean = sum(r["accuracy"] for r in results["benchmarks"].values()) / 6
+    assert results["average_accuracy"] == pytest.approx(mean)
+    table = (tmp_path / "results_math.md").read_text()
+    assert table.startswith("| model | method | addsub | aqua | gsm8k | multiarith | singleeq | svamp | average |")
+    for task in train.FAMILIES["math"]:
+        assert (tmp_path / f"predictions_{task}.jsonl").exists()
+    # a training loss per source in metrics.jsonl
+    log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert set().union(*(r["loss_per_source"] for r in log)) == {"gsm8k", "mawps"}
+    # routing per task, after training and with the routers as drawn, within [0, H(task)]
+    routing = json.loads((tmp_path / "routing_math.json").read_text())
+    assert routing["tasks"] == list(train.FAMILIES["math"])
+    for layer in routing["layers"].values():
+        for which in ("trained", "initial"):
+            assert 0 <= layer[which]["mi_bits"] <= routing["h_task_bits"] + 1e-9
+            assert len(layer[which]["expert_share"]) == 6 and len(layer[which]["expert_share"][0]) == 4
+    # the built base, given back as --model, keeps the tiny preset
+    assert train.parse_args(["--model", str(tmp_path / "tiny_base_math")]).preset == "tiny"
+
+
+def test_commonsense_family_reports_the_missing_benchmark(tmp_path, capsys):
+    train.main(family_run(tmp_path, "commonsense", "--max_steps", "1"))
+    results = json.loads((tmp_path / "results_commonsense.json").read_text())
+    assert "hellaswag" in results["missing"] and "hellaswag" not in results["benchmarks"]
+    assert list(results["benchmarks"]) == [t for t in train.FAMILIES["commonsense"] if t != "hellaswag"]
+    table = (tmp_path / "results_commonsense.md").read_text()
+    assert "| missing |" in table and "average is over the 7 graded benchmarks" in table
+    log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert set(log[0]["loss_per_source"]) <= {"boolq", "arc_e", "arc_c", "obqa"} and log[0]["loss_per_source"]
+
+
+def test_eval_tasks_grades_a_list_and_ddp_splits_evaluation_exactly(tmp_path):
+    # 2 processes grade alternate batches; gathered, predictions and table equal one process's
+    common = ["--eval_only", "--eval_tasks", "gsm8k,svamp,boolq", "--eval_limit", "6", "--eval_batch_size", "2",
+              "--max_new_tokens", "6"]
+    single = run_script(["train.py", *small_run(tmp_path / "single", *common)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_script(["--standalone", "--nproc_per_node=2", "train.py", *small_run(tmp_path / "ddp", *common)],
+                     module="torch.distributed.run")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for name in ["results_gsm8k.md", "predictions_gsm8k.jsonl", "predictions_svamp.jsonl", "predictions_boolq.jsonl"]:
+        assert (tmp_path / "single" / name).read_text() == (tmp_path / "ddp" / name).read_text(), name
+    a, b = (json.loads((tmp_path / d / "metrics_gsm8k.json").read_text()) for d in ("single", "ddp"))
+    assert a["answer_loss"] == b["answer_loss"] and a["n"] == 6
+
+
+def test_routing_per_task_finds_a_router_that_separates_the_tasks():
+    # layer 0's routers see the embeddings themselves: give the two tasks' question tokens opposite signs on
+    # one dimension and point two experts along it. Their tokens then never share a top-1 expert, and
+    # I(task; expert) must equal H(task); routers that ignore that dimension must give 0.
+    tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
+    model = train.Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    train.inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
+    tests = {"a": [{"instruction": "cat dog cat", "input": "", "output": "", "answer": "1"}] * 3,
+             "b": [{"instruction": "sun moon sun moon", "input": "", "output": "", "answer": "2"}] * 2}
+    spans = train.question_spans([train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
+    prompts = [train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs]
+    ids = {t: {prompts[i][j] for i in rows for j in range(*spans[i])} for t, rows in (("a", range(3)), ("b", range(3, 5)))}
+    assert ids["a"] and ids["b"] and not ids["a"] & ids["b"]
+    with torch.no_grad():
+        for task, sign in (("a", 1.0), ("b", -1.0)):
+            model.tok_embeddings.weight[sorted(ids[task]), 0] = sign * 100.0
+            model.tok_embeddings.weight[sorted(ids[task]), 1] = 100.0  # the same in both tasks
+        for name in ("wq", "wv"):
+            router = getattr(model.layers[0].attention, name).router.weight  # [4, dim]
+            router.zero_()
+            router[0, 0], router[1, 0] = 1.0, -1.0
+    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    args = train.parse_args(["--eval_batch_size", "2"])
+    counts = train.routing_counts(args, run, model, tok, tests)
+    top1 = counts["layers.0.attention.wq"][0]  # [tasks, experts]
+    h_task = train.entropy_bits(top1.sum(1))
+    assert top1[0, 0] == top1[0].sum() and top1[1, 1] == top1[1].sum()
+    assert train.mutual_information_bits(top1) == pytest.approx(h_task) and h_task > 0.5
+    with torch.no_grad():
+        model.layers[0].attention.wq.router.weight.zero_()
+        model.layers[0].attention.wq.router.weight[2, 1] = 1.0  # expert 2 wins whatever the task
+    top1 = train.routing_counts(args, run, model, tok, tests)["layers.0.attention.wq"][0]
+    assert top1[:, 2].sum() == top1.sum()
+    assert train.mutual_information_bits(top1) == pytest.approx(0.0, abs=1e-12)

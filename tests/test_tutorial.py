@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "tutorial"))
 
 import plots  # noqa: E402  (tutorial/plots.py: matplotlib is imported only to draw)
 import routing  # noqa: E402  (tutorial/routing.py)
+import routing_per_task  # noqa: E402  (tutorial/routing_per_task.py)
 
 TUTORIAL = ROOT / "tutorial.md"
 
@@ -205,3 +206,19 @@ def test_hugging_face_trainer_snippet(tmp_path):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(captured[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_routing_per_task_table_and_figure(tmp_path, capsys):
+    layer = {"trained": {"expert_share": [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]], "top1_counts": [[4, 0, 0], [0, 0, 2]],
+                         "mi_bits": 0.918},
+             "initial": {"expert_share": [[0.3, 0.3, 0.4]] * 2, "top1_counts": [[1, 1, 2], [1, 0, 1]], "mi_bits": 0.1}}
+    data = {"tasks": ["addsub", "svamp"], "h_task_bits": 0.918, "tokens_per_task": [4, 2],
+            "layers": {"layers.0.attention.wq": layer}, "mean_mi_bits_trained": 0.918, "mean_mi_bits_initial": 0.1}
+    path = tmp_path / "routing_math.json"
+    path.write_text(json.dumps(data))
+    routing_per_task.main([str(path), "--no_figure"])
+    out = capsys.readouterr().out
+    assert "| layers.0.attention.wq | 0.918 | 0.100 |" in out and "| mean | 0.918 | 0.100 |" in out
+    pytest.importorskip("matplotlib")
+    routing_per_task.main([str(path)])
+    assert (tmp_path / "routing_math.png").stat().st_size > 1000

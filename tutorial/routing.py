@@ -41,6 +41,7 @@ from data.tasks import DataError, find_data_dir, load_split  # noqa: E402
 from model import Transformer  # noqa: E402
 from moelora import MoELoRAConfig, inject_moelora, moelora_layers  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+from train import entropy_bits, mutual_information_bits  # noqa: E402  (I(kind; expert) as train.py reports I(task; expert))
 
 KINDS = ("digit", "operator", "word", "space/punct", "newline")
 OPERATORS = set("+-*/=$%<>^×÷")
@@ -64,19 +65,6 @@ def token_kind(piece: str):
     if any(c.isalpha() for c in text):
         return "word"
     return "space/punct"
-
-
-def entropy_bits(p):
-    p = np.asarray(p, dtype=np.float64)
-    p = p[p > 0]
-    return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a single expert
-
-
-def mutual_information_bits(counts):
-    """I(kind; expert) in bits from a [kinds, experts] table of counts."""
-    joint = np.asarray(counts, dtype=np.float64)
-    joint = joint / joint.sum()
-    return entropy_bits(joint.sum(1)) + entropy_bits(joint.sum(0)) - entropy_bits(joint.flatten())
 
 
 def forward_padded(model, sequences, pad_id: int, batch_size: int):
