@@ -386,7 +386,7 @@ def load_meta_checkpoint(path: Path):
     for i, f in enumerate(shard_files):
         if f.name != f"consolidated.{i:02d}.pth":
             raise FileNotFoundError(f"{path}: shard consolidated.{i:02d}.pth is missing (found {f.name})")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
+    shards = [_torch_load(f) for f in shard_files]
     for f, shard in zip(shard_files[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())
@@ -517,7 +517,12 @@ def _torch_load(f: Path):
     try:
         return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        pass
+    try:
         return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated download, or another file under the checkpoint's name
+        raise ValueError(f"{f} is not a readable PyTorch checkpoint (truncated, or not a checkpoint): "
+                         f"{str(e).splitlines()[0]}") from None
 
 
 # --- safetensors, read by hand (the format is simple, and the package list has no `safetensors`):

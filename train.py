@@ -16,10 +16,12 @@ evaluation, main.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +107,7 @@ def parse_args(argv=None):
     a("--micro_batch_size", type=int, default=None, help="examples per forward pass; the rest is gradient accumulation " + preset_default("micro_batch_size"))
     a("--max_seq_len", type=int, default=None, help="cutoff in tokens: longer examples are truncated " + preset_default("max_seq_len"))
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this, 0 = off (default %(default)s)")
-    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype on CUDA; auto = bf16 if supported, else fp16 (CPU: fp32)")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype; auto = bf16 on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU unless bf16/fp16 is asked for (default %(default)s)")
     a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
@@ -114,6 +116,7 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=None, help="prompts per generation batch " + preset_default("eval_batch_size"))
     a("--max_new_tokens", type=int, default=None, help="generation budget per answer " + preset_default("max_new_tokens"))
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    a("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint (it and metrics.jsonl are replaced)")
     a("--stop_after", type=int, default=None, help="stop (resumably) after this many steps in this session, e.g. for a time-limited job")
     a("--log_interval", type=int, default=10, help="steps between log lines (default %(default)s)")
     a("--save_interval", type=int, default=100, help="steps between checkpoints, and one at the end (default %(default)s)")
@@ -121,14 +124,45 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.preset is None:
         args.preset = "tiny" if args.model is None or is_tiny_base(args.model) else "llama-7b"
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.from_preset = [key for key, value in PRESETS[args.preset].items() if getattr(args, key) is None]
+    for key in args.from_preset:
+        setattr(args, key, PRESETS[args.preset][key])
     if args.r is None:
         args.r = adapter.num_experts * adapter.r if args.method == "lora" else adapter.r
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.r
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Every value that cannot work, found before any expensive work: one line naming the flag, the value and the fix."""
+    positive = ("lr", "batch_size", "micro_batch_size", "max_seq_len", "eval_batch_size", "max_new_tokens",
+                "log_interval", "save_interval", "num_experts", "top_k", "r", "lora_alpha", "contrastive_temperature",
+                "contrastive_samples", "pretrain_steps")
+    problems = [f"--{k} {getattr(args, k)} must be > 0" for k in positive if getattr(args, k) <= 0]
+    problems += [f"--{k} {getattr(args, k)} must be > 0 (or leave it out)" for k in ("max_steps", "epochs", "eval_limit",
+                                                                                     "stop_after")
+                 if getattr(args, k) is not None and getattr(args, k) <= 0]
+    problems += [f"--{k} {getattr(args, k)} must be >= 0" for k in ("warmup_steps", "weight_decay", "grad_clip",
+                                                                    "contrastive_weight", "balance_weight")
+                 if getattr(args, k) < 0]
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
+    if args.top_k > args.num_experts > 0:
+        problems.append(f"--top_k {args.top_k} must be at most --num_experts {args.num_experts}")
+    if args.micro_batch_size > args.batch_size > 0:
+        problems.append(f"--micro_batch_size {args.micro_batch_size} must be at most --batch_size {args.batch_size}")
+    if args.resume and args.overwrite:
+        problems.append("--resume and --overwrite contradict each other: continue the run, or start it over")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}, but this torch has no usable CUDA ({torch.__version__}); "
+                        "use --device cpu, or install a CUDA build of torch")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+ADAPTER_FLAGS = ("num_experts", "top_k", "r", "lora_alpha", "target_modules")  # what the checkpoint's shapes depend on
 
 
 def moelora_config_from(args) -> MoELoRAConfig:
@@ -143,18 +177,31 @@ def moelora_config_from(args) -> MoELoRAConfig:
 
 # -----------------------------------------------------------------------------------------------------
 # the built-in tiny base: a tokenizer and a small LLaMA trained here on the task's training text, cached in
-# out_dir/tiny_base_<task> as an ordinary Meta-format checkpoint (params.json, consolidated.00.pth, tokenizer.model)
+# out_dir/tiny_base_<task>_<key> as an ordinary Meta-format checkpoint (params.json, consolidated.00.pth, tokenizer.model)
 
-def build_tiny_base(out_dir: Path, task: str, examples, steps: int, seed: int, log) -> Path:
-    base_dir = out_dir / f"tiny_base_{task}"
+def tiny_base_dir(out_dir: Path, task: str, texts, steps: int, seed: int) -> Path:
+    """out_dir/tiny_base_<task>_<key>: the key covers everything that shapes the base (architecture, pretraining
+    steps, seed, the training text), so a cached base is reused only by a run that would build the same one."""
+    key = hashlib.sha256(json.dumps({"model": asdict(TINY_MODEL), "steps": steps, "seed": seed}).encode())
+    for t in texts:
+        key.update(t.encode())
+    return out_dir / f"tiny_base_{task}_{key.hexdigest()[:8]}"
+
+
+def build_tiny_base(base_dir: Path, task: str, texts, steps: int, seed: int, log):
+    """A tokenizer and a tiny LLaMA pretrained on texts, in base_dir; nothing to do when it is there already."""
     if (base_dir / "consolidated.00.pth").exists():
         log(f"built-in tiny LLaMA: reusing {base_dir}")
         return base_dir
     log(f"no --model given: building the built-in tiny LLaMA in {base_dir} (a stand-in so the pipeline runs "
         "anywhere; its accuracy says nothing about the method at scale)")
     base_dir.mkdir(parents=True, exist_ok=True)
-    texts = [f"{ex['instruction']}\n{ex['output']}" for ex in examples]
-    tok = train_tokenizer(texts, base_dir / "tokenizer.model", vocab_size=TINY_MODEL.vocab_size)
+    try:
+        tok = train_tokenizer(texts, base_dir / "tokenizer.model", vocab_size=TINY_MODEL.vocab_size)
+    except RuntimeError as e:  # SentencePiece: "Vocabulary size too high" when the text is too short
+        raise SystemExit(f"error: the built-in tiny base needs more training text than {len(texts)} examples to learn "
+                         f"a {TINY_MODEL.vocab_size}-piece tokenizer ({e}); give --model a checkpoint with its own "
+                         "tokenizer, or a larger --train_file") from None
     # pack the documents into one stream, BOS ... EOS each, and train on random windows of it
     stream = torch.tensor([i for t in texts for i in tok.encode(t, bos=True, eos=True)], dtype=torch.long)
     torch.manual_seed(seed)
@@ -178,9 +225,9 @@ def build_tiny_base(out_dir: Path, task: str, examples, steps: int, seed: int, l
     params = {k: v for k, v in asdict(TINY_MODEL).items() if v is not None}
     (base_dir / "params.json").write_text(json.dumps(params, indent=2))
     # marks the directory as a tiny base, so that `--model <it>` keeps the tiny preset
-    (base_dir / TINY_BASE_FILE).write_text(json.dumps({"task": task, "pretrain_steps": steps, "seed": seed}, indent=2))
+    (base_dir / TINY_BASE_FILE).write_text(json.dumps({"task": task, "pretrain_steps": steps, "seed": seed,
+                                                       "examples": len(texts)}, indent=2))
     atomic_save(model.state_dict(), base_dir / "consolidated.00.pth")  # last: its presence means the base is complete
-    return base_dir
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -238,15 +285,22 @@ def base_fingerprint(model) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types that torch.load(weights_only=True) reads: tensors, ints, floats, strings."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -255,9 +309,10 @@ def set_rng_state(state: dict):
 def load_checkpoint(path: Path, model, args, fingerprint):
     """Read a checkpoint and load its weights into model after checking it belongs to this base and config."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it or choose another --out_dir")
+        raise SystemExit(f"error: cannot read checkpoint {path} ({str(e).splitlines()[0]}); it may be truncated, or "
+                         "from an older version of train.py, or not a checkpoint: delete it or choose another --out_dir")
     if ckpt["base"]["args"] != fingerprint["args"] or ckpt["base"]["sums"] != fingerprint["sums"]:
         raise SystemExit(f"error: {path} was trained on a different base model ({ckpt['config']['model'] or 'built-in tiny'}"
                          f", {ckpt['base']}) than this one ({args.model or 'built-in tiny'}, {fingerprint}); "
@@ -270,7 +325,9 @@ def load_checkpoint(path: Path, model, args, fingerprint):
         else:
             load_moelora_state_dict(model, ckpt["weights"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {path} does not fit this adapter configuration: {e}")
+        differ = [f"--{k} {ckpt['config'][k]}" for k in ADAPTER_FLAGS if ckpt["config"].get(k) != getattr(args, k)]
+        raise SystemExit(f"error: {path} does not fit this adapter configuration ({str(e).splitlines()[0]}); it was "
+                         f"trained with {' '.join(differ) or 'other adapter settings'}: give those flags, or use another --out_dir")
     return ckpt
 
 
@@ -289,7 +346,7 @@ class Run:
     def autocast(self):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
 
     def log(self, msg: str):
         if self.rank == 0:
@@ -316,19 +373,20 @@ def setup_distributed(args):
 
 
 def setup_precision(dtype: str, device: str):
-    """(autocast dtype, gradient scaler). On CUDA: bf16 autocast where the GPU supports it, else fp16, whose narrow
-    exponent range needs the loss scaled so that small gradients do not underflow. On CPU: float32."""
+    """(autocast dtype, gradient scaler). auto: on CUDA, bf16 autocast where the GPU supports it, else fp16, whose
+    narrow exponent range needs the loss scaled so that small gradients do not underflow; on CPU, float32. bf16
+    and fp16 given explicitly also work on the CPU (slowly): that is how CI exercises these branches."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if not cuda or dtype == "fp32":
+    if dtype == "fp32" or (dtype == "auto" and not cuda):
         amp_dtype = torch.float32
     elif dtype == "auto":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return amp_dtype, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return amp_dtype, torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
 
 
 def all_reduce_sum(x: float, run: Run) -> float:
@@ -361,16 +419,44 @@ def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: di
     """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt; return its step.
     init_routers (a dict, updated in place) becomes the routers the run started with."""
     ckpt_path = run.out_dir / "ckpt.pt"
-    if not ckpt_path.exists():
-        raise SystemExit(f"error: --resume given but {ckpt_path} does not exist")
     ckpt = load_checkpoint(ckpt_path, raw_model, args, fingerprint)
     optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][min(run.rank, len(ckpt["rng"]) - 1)])
     if init_routers is not None and ckpt.get("init_routers"):
         init_routers.update(ckpt["init_routers"])
+    log = run.out_dir / "metrics.jsonl"
+    if run.rank == 0 and log.exists():  # steps logged after the checkpoint are redone: keep each step once
+        kept = [line for line in log.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= ckpt["step"]]
+        tmp = log.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log)
     run.log(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+def catch_stop_signals() -> dict:
+    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT (Ctrl-C) set stop["signal"]; the
+    loop then finishes its step, saves and exits. A second signal stops at once."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
+def stop_requested(run: Run, stop: dict) -> bool:
+    """Whether any process was asked to stop: all of them stop after the same step."""
+    flag = stop["signal"] is not None
+    if run.world_size > 1:
+        t = torch.tensor([float(flag)], device=run.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = t.item() > 0
+    return flag
 
 
 def stop_non_finite(run: Run, what: str, step: int, saved_step):
@@ -448,6 +534,30 @@ def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, toke
     return line
 
 
+def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, saved_step):
+    """Unscale, clip and step, unless the loss or the gradient is not finite: then stop, keeping the last good checkpoint."""
+    if not all(map(math.isfinite, losses.values())):  # before the optimizer step: the weights are still finite
+        stop_non_finite(run, f"the loss is not finite (lm {losses['lm']}, contrastive {losses['contrastive']}, "
+                        f"balance {losses['balance']})", step, saved_step)
+    run.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
+        stop_non_finite(run, f"the gradient norm is {grad_norm.item()}", step, saved_step)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def per_source_losses(run: Run, names: list, per_source):
+    """{source: mean target loss since the last log line} for a mixture (None for one source), over all processes."""
+    if len(names) == 1:
+        return None
+    if run.world_size > 1:
+        dist.all_reduce(per_source)
+    totals, counts = per_source.tolist()
+    return {name: total / n for name, total, n in zip(names, totals, counts) if n}
+
+
 def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> bool:
     """Train until --max_steps / --epochs (or --stop_after); True when the run is complete."""
     n_examples = len(train_set.pairs)
@@ -471,43 +581,41 @@ def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> boo
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=run.rank != 0, dynamic_ncols=True)
     t0, positions = time.time(), 0
     per_source = torch.zeros(2, len(train_set.names), device=run.device)  # since the last log line
-    while step < last_step:
-        lr = get_lr(step, args.lr, args.warmup_steps, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        micro_batches = micro_batches_of_step(run, args, n_examples, step, steps_per_epoch)
-        sums, step_per_source, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id)
-        positions += n
-        per_source += step_per_source
-        losses = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one host sync
-        if not all(map(math.isfinite, losses.values())):  # before the optimizer step: the weights are still finite
-            stop_non_finite(run, f"the loss is not finite (lm {losses['lm']}, contrastive {losses['contrastive']}, "
-                            f"balance {losses['balance']})", step, saved_step)
-        run.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
-            stop_non_finite(run, f"the gradient norm is {grad_norm.item()}", step, saved_step)
-        run.scaler.step(optimizer)
-        run.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if step % args.log_interval == 0 or step == last_step:
-            source_losses = None
-            if len(train_set.names) > 1:
-                if run.world_size > 1:
-                    dist.all_reduce(per_source)
-                totals, counts = per_source.tolist()
-                source_losses = {name: total / n for name, total, n in zip(train_set.names, totals, counts) if n}
-            line = log_step(run, args, raw_model, step, lr, losses, positions * run.world_size / (time.time() - t0),
-                            source_losses)
-            if run.rank == 0:
-                bar.write(line)
-            t0, positions = time.time(), 0
-            per_source.zero_()
-        if step % args.save_interval == 0 or step == last_step:
-            save_checkpoint(run, args, raw_model, optimizer, step, fingerprint, init_routers)
-            saved_step = step
+    stop = catch_stop_signals()
+    try:
+        while step < last_step:
+            lr = get_lr(step, args.lr, args.warmup_steps, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            micro_batches = micro_batches_of_step(run, args, n_examples, step, steps_per_epoch)
+            sums, step_per_source, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id)
+            positions += n
+            per_source += step_per_source
+            losses = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one host sync
+            optimizer_step(args, run, optimizer, params, losses, step, saved_step)
+            step += 1
+            bar.update(1)
+            if step % args.log_interval == 0 or step == last_step:
+                source_losses = per_source_losses(run, train_set.names, per_source)
+                line = log_step(run, args, raw_model, step, lr, losses, positions * run.world_size / (time.time() - t0),
+                                source_losses)
+                if run.rank == 0:
+                    bar.write(line)
+                t0, positions = time.time(), 0
+                per_source.zero_()
+            stopping = stop_requested(run, stop)
+            if step % args.save_interval == 0 or step == last_step or stopping:
+                save_checkpoint(run, args, raw_model, optimizer, step, fingerprint, init_routers)
+                saved_step = step
+            if stopping:
+                bar.close()
+                name = signal.Signals(stop["signal"]).name if stop["signal"] else "another process's signal"
+                run.log(f"stopped by {name} after step {step} of {total_steps}; checkpoint saved in "
+                        f"{run.out_dir / 'ckpt.pt'}. Continue with the same command and --resume")
+                raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     bar.close()
     if step < total_steps:
         run.log(f"stopped after step {step} of {total_steps} (--stop_after); continue with --resume")
@@ -554,11 +662,17 @@ def answer_loss(args, run: Run, model, tok, examples) -> float:
 
 
 @torch.no_grad()
-def generate_responses(args, run: Run, model, tok, task: str, examples) -> list:
-    """The decoded response to each example's prompt, in the examples' order."""
-    prompts = [eval_prompt_tokens(tok, ex) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+def generate_responses(args, run: Run, model, tok, task: str, examples) -> tuple:
+    """(the decoded response to each example's prompt, in the examples' order; how many prompts were cut)."""
     new_tokens = args.max_new_tokens if task not in COMMONSENSE_TASKS else min(args.max_new_tokens, COMMONSENSE_NEW_TOKENS)
+    # every prompt keeps room for its whole answer: a longer one loses its beginning (the template's opening and
+    # the start of the question), keeping the end with the choices and "### Response:". Only a small context
+    # meets this (some commonsense prompts pass 800 tokens; the tiny model reads 512)
+    room = max(model.args.max_seq_len - new_tokens, model.args.max_seq_len // 2)
+    prompts = [eval_prompt_tokens(tok, ex) for ex in examples]
+    n_cut = sum(len(p) > room for p in prompts)
+    prompts = [p[-room:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     mine = my_batches(len(order), args.eval_batch_size, run)
     responses = []
     for _, i in tqdm(mine, desc=f"eval {task}", disable=run.rank != 0, dynamic_ncols=True):
@@ -567,7 +681,12 @@ def generate_responses(args, run: Run, model, tok, task: str, examples) -> list:
         with run.autocast():
             outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
         responses += [(j, tok.decode(o)) for j, o in zip(idx, outs)]
-    return [text for _, text in sorted(gather(run, responses))]
+    return [text for _, text in sorted(gather(run, responses))], n_cut
+
+
+def graded_name(name: str, args) -> str:
+    """The name of a grading's files: a subset (--eval_limit N) gets its own, so it never replaces a full grading."""
+    return f"{name}_first{args.eval_limit}" if args.eval_limit else name
 
 
 def grade_benchmark(args, run: Run, model, tok, task: str, examples) -> dict:
@@ -576,20 +695,23 @@ def grade_benchmark(args, run: Run, model, tok, task: str, examples) -> dict:
     # only GSM8K's test set has written reference solutions; the LLM-Adapters files' "output" fields were
     # generated by a model, so no answer loss is reported for the other benchmarks
     loss = answer_loss(args, run, model, tok, examples) if task == "gsm8k" else None
-    responses = generate_responses(args, run, model, tok, task, examples)
+    responses, n_cut = generate_responses(args, run, model, tok, task, examples)
     graded = [is_correct(task, text, ex["answer"]) for ex, text in zip(examples, responses)]
     metrics = {"task": task, "accuracy": sum(graded) / len(examples), "correct": sum(graded), "n": len(examples),
                "answer_loss": loss, "answer_perplexity": math.exp(loss) if loss is not None else None,
+               "prompts_cut": n_cut,
                "model": args.model or "built-in tiny", "method": args.method}
+    predictions = run.out_dir / f"predictions_{graded_name(task, args)}.jsonl"
     if run.rank == 0:
-        with open(run.out_dir / f"predictions_{task}.jsonl", "w") as f:
+        with open(predictions, "w") as f:
             for ex, text, ok in zip(examples, responses, graded):
                 f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted":
                                     extract_answer(task, text), "answer": ex["answer"], "correct": ok}) + "\n")
-        (run.out_dir / f"metrics_{task}.json").write_text(json.dumps(metrics, indent=2))
+        (run.out_dir / f"metrics_{graded_name(task, args)}.json").write_text(json.dumps(metrics, indent=2))
     loss_text = f", answer loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else ""
-    run.log(f"{task}: accuracy {metrics['accuracy']:.2%} ({metrics['correct']}/{metrics['n']}){loss_text}; "
-            f"predictions in {run.out_dir / f'predictions_{task}.jsonl'}")
+    cut_text = f" ({n_cut} prompts longer than the context allows lost their beginning)" if n_cut else ""
+    run.log(f"{task}: accuracy {metrics['accuracy']:.2%} ({metrics['correct']}/{metrics['n']}){loss_text}{cut_text}; "
+            f"predictions in {predictions}")
     return metrics
 
 
@@ -617,8 +739,8 @@ def write_results(name: str, args, run: Run, results: dict, missing: dict):
         summary = {"task": name, "model": args.model or "built-in tiny", "method": args.method,
                    "benchmarks": results, "missing": missing,
                    "average_accuracy": sum(graded) / len(graded) if graded else None}
-        (run.out_dir / f"results_{name}.json").write_text(json.dumps(summary, indent=2))
-        (run.out_dir / f"results_{name}.md").write_text(table + "\n")
+        (run.out_dir / f"results_{graded_name(name, args)}.json").write_text(json.dumps(summary, indent=2))
+        (run.out_dir / f"results_{graded_name(name, args)}.md").write_text(table + "\n")
     run.log(table)
 
 
@@ -657,7 +779,9 @@ def routing_counts(args, run: Run, model, tok, tests: dict) -> dict:
     """{layer: (top1 [tasks, experts], slots [tasks, experts])}: how often the tokens of each benchmark's questions
     have an expert as their first choice, and among their k choices. The Alpaca template around the question is
     left out: the same in every task, it would dilute what the routing says about the tasks."""
-    prompts = {task: [eval_prompt_tokens(tok, ex) for ex in examples[:ROUTING_EXAMPLES]] for task, examples in tests.items()}
+    prompts = {task: [p for p in (eval_prompt_tokens(tok, ex) for ex in examples[:ROUTING_EXAMPLES])
+                      if len(p) <= model.args.max_seq_len]  # a longer one is left out
+               for task, examples in tests.items()}
     spans = iter(question_spans([p for ps in prompts.values() for p in ps]))
     layers = moelora_layers(model)
     counts = {name: (np.zeros((len(tests), layer.config.num_experts), dtype=np.int64),
@@ -777,7 +901,8 @@ def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> Train
         pairs += p
         sources += [s] * len(p)
         n_trunc, n_drop = n_trunc + t, n_drop + d
-    run.log(f"{len(examples)} training examples: {n_trunc} truncated to {max_seq_len} tokens, "
+    limit = f" (the model's limit; --max_seq_len is {args.max_seq_len})" if max_seq_len < args.max_seq_len else ""
+    run.log(f"{len(examples)} training examples: {n_trunc} truncated to {max_seq_len} tokens{limit}, "
             f"{n_drop} dropped (prompt alone over the cutoff)")
     if len(names) > 1:
         run.log("sources, shuffled together (each epoch visits every example once): " + ", ".join(
@@ -793,7 +918,7 @@ def load_base(args, run: Run, model_path, dtype):
     try:
         model = Transformer.from_pretrained(model_path, dtype=dtype, device=run.device)
         tok = Tokenizer.from_dir(model_path)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
         raise SystemExit(f"error: cannot load --model {model_path}: {e}")
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
@@ -803,6 +928,8 @@ def load_base(args, run: Run, model_path, dtype):
     if args.method == "full":
         model.requires_grad_(True)
     else:
+        # the adapters' random start depends on --seed alone, not on whether a tiny base was built in this process
+        torch.manual_seed(args.seed + run.rank)
         try:
             inject_moelora(model, moelora_config_from(args))
         except (ValueError, TypeError) as e:
@@ -815,12 +942,43 @@ def load_base(args, run: Run, model_path, dtype):
     return model, tok, init_routers
 
 
+def prepare_out_dir(args, run: Run):
+    """Before any expensive work: out_dir is writable, and a run never replaces earlier work unasked."""
+    ckpt, log = run.out_dir / "ckpt.pt", run.out_dir / "metrics.jsonl"
+    try:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        probe = run.out_dir / f".write_test_{run.rank}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out_dir {run.out_dir} ({e.strerror}); choose another --out_dir")
+    if args.eval_only:
+        return
+    if args.resume and not ckpt.exists():
+        raise SystemExit(f"error: --resume given but {ckpt} does not exist; leave out --resume to start a new run")
+    if ckpt.exists() and not args.resume and not args.overwrite:
+        raise SystemExit(f"error: {run.out_dir} holds a checkpoint (ckpt.pt) of an earlier run: continue it with --resume, "
+                         "start over with --overwrite (replaces it and metrics.jsonl), or choose another --out_dir")
+    if run.rank != 0 or args.resume:
+        return
+    if args.overwrite:
+        for f in (ckpt, run.out_dir / "adapter.safetensors", log):
+            f.unlink(missing_ok=True)
+    elif log.exists():  # a run that stopped before its first checkpoint: keep its log aside, start a new one
+        os.replace(log, log.with_name("metrics.jsonl.old"))
+        run.log(f"moved the metrics.jsonl of an earlier run that saved no checkpoint to {log.with_name('metrics.jsonl.old')}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args)
     amp_dtype, scaler = setup_precision(args.dtype, device)
     run = Run(rank, world_size, device, amp_dtype, scaler, Path(args.out_dir))
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(args, run)
+    if (args.batch_size % (world_size * args.micro_batch_size) and "micro_batch_size" in args.from_preset
+            and args.batch_size % world_size == 0):  # the preset's micro-batch, split so that every process gets one
+        args.micro_batch_size = math.gcd(args.micro_batch_size, args.batch_size // world_size)
+        run.log(f"--micro_batch_size {args.micro_batch_size}: the preset's, made to fit {world_size} processes")
     if args.batch_size % (world_size * args.micro_batch_size):
         raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch_size "
                          f"{args.micro_batch_size} x {world_size} process(es)")
@@ -837,13 +995,15 @@ def main(argv=None):
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
     model_path = args.model
     if model_path is None:
+        texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
+                 load_training_examples(args, run, data_dir, tests)]
+        model_path = tiny_base_dir(run.out_dir, args.task, texts, args.pretrain_steps, args.seed)
         if rank == 0:
-            tiny_examples = train_examples or load_training_examples(args, run, data_dir, tests)
-            build_tiny_base(run.out_dir, args.task, tiny_examples, args.pretrain_steps, args.seed, run.log)
+            build_tiny_base(model_path, args.task, texts, args.pretrain_steps, args.seed, run.log)
         if world_size > 1:
             dist.barrier()  # the other processes wait for rank 0 to build the tiny base
-        model_path = run.out_dir / f"tiny_base_{args.task}"
     # a frozen base can be stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights
+    args.base = str(model_path)  # saved with the config: where the base came from (the tiny base's cache without --model)
     model, tok, init_routers = load_base(args, run, model_path, amp_dtype if args.method != "full" else torch.float32)
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
 
@@ -868,11 +1028,12 @@ def main(argv=None):
         write_results(args.task, args, run, results, missing)
     if args.method == "moelora" and len(tests) > 1 and rank == 0:
         routing = routing_per_task(args, run, raw_model, tok, tests, init_routers)
-        (run.out_dir / f"routing_{args.task}.json").write_text(json.dumps(routing, indent=2))
+        routing_file = run.out_dir / f"routing_{graded_name(args.task, args)}.json"
+        routing_file.write_text(json.dumps(routing, indent=2))
         control = (f"; with the routers as drawn at step 0: {routing['mean_mi_bits_initial']:.3f}"
                    if "mean_mi_bits_initial" in routing else "")
         run.log(f"routing per task: I(task; top-1 expert) {routing['mean_mi_bits_trained']:.3f} bits, mean over the "
-                f"adapted layers, of H(task) = {routing['h_task_bits']:.3f}{control}; in {run.out_dir / f'routing_{args.task}.json'}")
+                f"adapted layers, of H(task) = {routing['h_task_bits']:.3f}{control}; in {routing_file}")
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -193,6 +193,9 @@ def mawps_example(record: dict) -> dict:
 
 def adapters_example(record: dict) -> dict:
     """LLM-Adapters' files, Math10K and Commonsense170K already are examples; answers may be numbers."""
+    for key in ("instruction", "output"):
+        if key in record and not isinstance(record[key], str):
+            raise ValueError(f'"{key}" is {json.dumps(record[key])}, not a string')
     return make_example(record["instruction"], record.get("output", ""), str(record.get("answer", "")),
                         record.get("input") or "")
 

@@ -1,8 +1,11 @@
 """train.py end to end on tiny configs: the real stories260K checkpoint, resume, DDP on CPU, bad input."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -35,14 +38,14 @@ def test_end_to_end_on_stories260k(tmp_path):
     r = run_script(["train.py", *small_run(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "gsm8k: accuracy" in r.stdout + r.stderr
-    metrics = json.loads((tmp_path / "metrics_gsm8k.json").read_text())
+    metrics = json.loads((tmp_path / "metrics_gsm8k_first6.json").read_text())  # a subset: files of its own
     assert metrics["n"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["answer_loss"] > 0
-    preds = [json.loads(l) for l in (tmp_path / "predictions_gsm8k.jsonl").read_text().splitlines()]
+    preds = [json.loads(l) for l in (tmp_path / "predictions_gsm8k_first6.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all({"prediction", "answer", "correct"} <= p.keys() for p in preds)
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["contrastive"] > 0 and r["balance"] > 0 and len(r["routing"]) == 10 for r in log)  # 5 layers x wq, wv
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     # adapter weights only: no base tensor in the checkpoint
     assert ckpt["step"] == 4 and all("lora_" in k or "router" in k or k == "moelora_config" for k in ckpt["weights"])
     # ... and the same adapters as a safetensors file, read without pickle
@@ -69,7 +72,7 @@ def test_built_in_tiny_base_is_built_then_reused(tmp_path, capsys):
     train.main(argv)
     out = capsys.readouterr()
     assert "built-in tiny LLaMA" in out.out + out.err
-    base = tmp_path / "tiny_base_gsm8k"
+    base, = tmp_path.glob("tiny_base_gsm8k_*")
     assert {"params.json", "consolidated.00.pth", "tokenizer.model"} <= {p.name for p in base.iterdir()}
     stamp = (base / "consolidated.00.pth").stat().st_mtime_ns
     train.main(argv + ["--eval_only"])
@@ -100,7 +103,7 @@ def test_settings_have_one_source_and_help_states_them(capsys):
 
 
 def adapter_weights(path):
-    w = torch.load(path, weights_only=False)["weights"]
+    w = torch.load(path, weights_only=True)["weights"]
     return {k: v for k, v in w.items() if k != "moelora_config"}
 
 
@@ -109,7 +112,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     common = ["--eval_limit", "1", "--max_new_tokens", "1", "--save_interval", "100"]
     train.main(small_run(tmp_path / "straight", *common))
     train.main(small_run(tmp_path / "split", *common, "--stop_after", "2"))
-    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 2
     train.main(small_run(tmp_path / "split", *common, "--resume"))
     a, b = adapter_weights(tmp_path / "straight" / "ckpt.pt"), adapter_weights(tmp_path / "split" / "ckpt.pt")
     assert a.keys() == b.keys()
@@ -139,17 +142,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             assert one["loss_per_source"][source] == pytest.approx(two["loss_per_source"][source], rel=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, dtype):
     with pytest.raises(SystemExit, match=r"at step \d.*last good checkpoint .*ckpt.pt \(step \d\)"):
         train.main(small_run(tmp_path, "--lr", "1e30", "--warmup_steps", "0", "--save_interval", "1",
-                             "--method", "lora", "--r", "4"))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+                             "--method", "lora", "--r", "4", "--dtype", dtype))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for k, v in ckpt["weights"].items() if k != "moelora_config")
 
 
 def test_checkpoint_from_another_config_or_base_is_refused(tmp_path):
     train.main(small_run(tmp_path, "--max_steps", "1", "--eval_limit", "1", "--max_new_tokens", "1"))
-    with pytest.raises(SystemExit, match="does not fit this adapter configuration.*num_experts"):
+    with pytest.raises(SystemExit, match="does not fit this adapter configuration.*trained with --num_experts 4"):
         train.main(small_run(tmp_path, "--num_experts", "2", "--eval_only", "--eval_limit", "1"))
     with pytest.raises(SystemExit, match="different base model"):
         train.main(small_run(tmp_path, "--eval_only", "--eval_limit", "1", model="stories260K/stories260K.bin")
@@ -161,7 +165,7 @@ def test_method_lora_and_full_train(tmp_path):
     w = adapter_weights(tmp_path / "lora" / "ckpt.pt")
     assert w["layers.0.attention.wq.lora_A"].shape == (1, 8, 64)  # one expert of rank 8
     train.main(small_run(tmp_path / "full", "--method", "full", "--max_steps", "2", "--eval_limit", "1"))
-    assert "tok_embeddings.weight" in torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["weights"]
+    assert "tok_embeddings.weight" in torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["weights"]
 
 
 def test_bad_input_gives_one_clear_error(tmp_path):
@@ -200,35 +204,35 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys):
     text = out.out + out.err
     # the stand-in mixture: GSM8K and MAWPS train splits, without the questions the benchmarks ask
     assert "mawps" in text and "321" in text  # MAWPS' train split repeats 321 AddSub questions
-    results = json.loads((tmp_path / "results_math.json").read_text())
+    results = json.loads((tmp_path / "results_math_first3.json").read_text())
     assert list(results["benchmarks"]) == list(train.FAMILIES["math"]) and results["missing"] == {}
     assert all(r["n"] == 3 for r in results["benchmarks"].values())
     mean = sum(r["accuracy"] for r in results["benchmarks"].values()) / 6
     assert results["average_accuracy"] == pytest.approx(mean)
-    table = (tmp_path / "results_math.md").read_text()
+    table = (tmp_path / "results_math_first3.md").read_text()
     assert table.startswith("| model | method | addsub | aqua | gsm8k | multiarith | singleeq | svamp | average |")
     for task in train.FAMILIES["math"]:
-        assert (tmp_path / f"predictions_{task}.jsonl").exists()
+        assert (tmp_path / f"predictions_{task}_first3.jsonl").exists()
     # a training loss per source in metrics.jsonl
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert set().union(*(r["loss_per_source"] for r in log)) == {"gsm8k", "mawps"}
     # routing per task, after training and with the routers as drawn, within [0, H(task)]
-    routing = json.loads((tmp_path / "routing_math.json").read_text())
+    routing = json.loads((tmp_path / "routing_math_first3.json").read_text())
     assert routing["tasks"] == list(train.FAMILIES["math"])
     for layer in routing["layers"].values():
         for which in ("trained", "initial"):
             assert 0 <= layer[which]["mi_bits"] <= routing["h_task_bits"] + 1e-9
             assert len(layer[which]["expert_share"]) == 6 and len(layer[which]["expert_share"][0]) == 4
     # the built base, given back as --model, keeps the tiny preset
-    assert train.parse_args(["--model", str(tmp_path / "tiny_base_math")]).preset == "tiny"
+    assert train.parse_args(["--model", str(next(tmp_path.glob("tiny_base_math_*")))]).preset == "tiny"
 
 
 def test_commonsense_family_reports_the_missing_benchmark(tmp_path, capsys):
     train.main(family_run(tmp_path, "commonsense", "--max_steps", "1"))
-    results = json.loads((tmp_path / "results_commonsense.json").read_text())
+    results = json.loads((tmp_path / "results_commonsense_first3.json").read_text())
     assert "hellaswag" in results["missing"] and "hellaswag" not in results["benchmarks"]
     assert list(results["benchmarks"]) == [t for t in train.FAMILIES["commonsense"] if t != "hellaswag"]
-    table = (tmp_path / "results_commonsense.md").read_text()
+    table = (tmp_path / "results_commonsense_first3.md").read_text()
     assert "| missing |" in table and "average is over the 7 graded benchmarks" in table
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert set(log[0]["loss_per_source"]) <= {"boolq", "arc_e", "arc_c", "obqa"} and log[0]["loss_per_source"]
@@ -243,9 +247,9 @@ def test_eval_tasks_grades_a_list_and_ddp_splits_evaluation_exactly(tmp_path):
     ddp = run_script(["--standalone", "--nproc_per_node=2", "train.py", *small_run(tmp_path / "ddp", *common)],
                      module="torch.distributed.run")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    for name in ["results_gsm8k.md", "predictions_gsm8k.jsonl", "predictions_svamp.jsonl", "predictions_boolq.jsonl"]:
+    for name in ["results_gsm8k_first6.md"] + [f"predictions_{t}_first6.jsonl" for t in ("gsm8k", "svamp", "boolq")]:
         assert (tmp_path / "single" / name).read_text() == (tmp_path / "ddp" / name).read_text(), name
-    a, b = (json.loads((tmp_path / d / "metrics_gsm8k.json").read_text()) for d in ("single", "ddp"))
+    a, b = (json.loads((tmp_path / d / "metrics_gsm8k_first6.json").read_text()) for d in ("single", "ddp"))
     assert a["answer_loss"] == b["answer_loss"] and a["n"] == 6
 
 
@@ -283,3 +287,179 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     top1 = train.routing_counts(args, run, model, tok, tests)["layers.0.attention.wq"][0]
     assert top1[:, 2].sum() == top1.sum()
     assert train.mutual_information_bits(top1) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- never lose a user's work
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr -1.0 must be > 0"), (["--batch_size", "0"], "--batch_size 0 must be > 0"),
+    (["--micro_batch_size", "0"], "--micro_batch_size 0 must be > 0"), (["--max_steps", "0"], "--max_steps 0 must be > 0"),
+    (["--max_steps", "-5"], "--max_steps -5 must be > 0"), (["--log_interval", "0"], "--log_interval 0 must be > 0"),
+    (["--save_interval", "0"], "--save_interval 0 must be > 0"), (["--eval_batch_size", "0"], "--eval_batch_size 0"),
+    (["--eval_limit", "0"], "--eval_limit 0 must be > 0"), (["--top_k", "9"], "--top_k 9 must be at most --num_experts 8"),
+    (["--lora_dropout", "1"], "--lora_dropout 1.0 must be in"), (["--resume", "--overwrite"], "contradict"),
+    (["--micro_batch_size", "32", "--batch_size", "16"], "--micro_batch_size 32 must be at most --batch_size 16"),
+])
+def test_bad_flags_are_one_line_errors_before_any_work(flags, message):
+    with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}"):
+        train.parse_args(flags)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_cuda_asked_on_a_cpu_only_torch():
+    with pytest.raises(SystemExit, match="--device cuda, but this torch has no usable CUDA"):
+        train.parse_args(["--device", "cuda"])
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    null_output = tmp_path / "null.json"
+    null_output.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": null}]')
+    with pytest.raises(SystemExit, match=r'null.json: record 1 .*"output" is null'):
+        train.main(small_run(tmp_path / "a", "--train_file", str(null_output)))
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps([{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(10)]))
+    with pytest.raises(SystemExit, match="the built-in tiny base needs more training text than 10 examples"):
+        train.main(["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--out_dir", str(tmp_path / "b"),
+                    "--train_file", str(few), "--pretrain_steps", "1"])
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 8, "vocab_size": 512}))
+    (garbage / "consolidated.00.pth").write_bytes(b"not a checkpoint" * 100)
+    with pytest.raises(SystemExit, match="cannot load --model .*consolidated.00.pth is not a readable PyTorch checkpoint"):
+        train.main(small_run(tmp_path / "c") + ["--model", str(garbage)])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out_dir"):
+        train.main(small_run(a_file / "out"))
+    with pytest.raises(SystemExit, match="--resume given but .* does not exist; leave out --resume"):
+        train.main(["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--out_dir", str(tmp_path / "d"),
+                    "--resume"])  # said before the tiny base is built
+    assert not list((tmp_path / "d").glob("tiny_base_*"))
+
+
+def test_a_checkpoint_is_never_replaced_unasked(tmp_path, capsys):
+    common = ["--max_steps", "2", "--eval_limit", "2", "--max_new_tokens", "2"]
+    train.main(small_run(tmp_path, *common))
+    with pytest.raises(SystemExit, match="holds a checkpoint.*--resume.*--overwrite"):
+        train.main(small_run(tmp_path, *common))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    train.main(small_run(tmp_path, "--max_steps", "1", "--eval_limit", "2", "--max_new_tokens", "2", "--overwrite"))
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    # grading a subset writes files of its own: the full grading's are not replaced
+    (tmp_path / "metrics_gsm8k.json").write_text("full grading")
+    train.main(small_run(tmp_path, "--eval_only", "--eval_limit", "1", "--max_new_tokens", "1"))
+    assert (tmp_path / "metrics_gsm8k.json").read_text() == "full grading"
+    assert json.loads((tmp_path / "metrics_gsm8k_first1.json").read_text())["n"] == 1
+
+
+def test_resume_after_a_kill_logs_each_step_once(tmp_path):
+    common = ["--max_steps", "4", "--save_interval", "2", "--eval_limit", "1", "--max_new_tokens", "1"]
+    train.main(small_run(tmp_path, *common, "--stop_after", "2"))
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed after logging step 3 leaves behind
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+    train.main(small_run(tmp_path, *common, "--resume"))
+    log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["loss"] != 9.0
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
+    # SIGTERM (what SLURM and Kubernetes send) in the middle of training: the step finishes, a checkpoint is
+    # saved, the exit status is 128 + 15, and --resume ends with the weights of an uninterrupted run
+    common = ["--max_steps", "40", "--save_interval", "100", "--eval_limit", "1", "--max_new_tokens", "1"]
+    train.main(small_run(tmp_path / "straight", *common))
+    cmd = [sys.executable, "train.py", *small_run(tmp_path / "split", *common)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "split" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:]
+    assert "stopped by SIGTERM after step" in out and "--resume" in out
+    stopped_at = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 40
+    train.main(small_run(tmp_path / "split", *common, "--resume"))
+    a, b = adapter_weights(tmp_path / "straight" / "ckpt.pt"), adapter_weights(tmp_path / "split" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_command_same_result_with_or_without_a_cached_base(tmp_path):
+    argv = ["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--pretrain_steps", "2", "--max_steps", "1",
+            "--batch_size", "2", "--micro_batch_size", "2", "--max_seq_len", "256", "--eval_limit", "1",
+            "--max_new_tokens", "1"]
+    train.main(argv + ["--out_dir", str(tmp_path)])  # builds the base, then trains
+    fresh = adapter_weights(tmp_path / "ckpt.pt")
+    train.main(argv + ["--out_dir", str(tmp_path), "--overwrite"])  # reuses it
+    cached = adapter_weights(tmp_path / "ckpt.pt")
+    assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
+    # other pretraining settings make another base, in a directory of its own
+    train.main(argv + ["--out_dir", str(tmp_path), "--overwrite", "--pretrain_steps", "3"])
+    assert len(list(tmp_path.glob("tiny_base_gsm8k_*"))) == 2
+
+
+def test_torchrun_with_the_preset_micro_batch(tmp_path):
+    # the tiny preset's micro-batch is the whole batch of 16: with 2 processes each gets 8
+    r = run_script(["--standalone", "--nproc_per_node=2", "train.py", "--task", "gsm8k", "--preset", "tiny",
+                    "--model", str(shared_path("models/stories260K-hf")), "--data_dir", str(shared_path("data")),
+                    "--out_dir", str(tmp_path), "--max_steps", "1", "--max_seq_len", "256", "--eval_limit", "2",
+                    "--max_new_tokens", "2", "--num_experts", "4"], module="torch.distributed.run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--micro_batch_size 8: the preset's, made to fit 2 processes" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_on_the_cpu(tmp_path, dtype, monkeypatch):
+    # the CUDA branches of train.py, run on the CPU: autocast, a base stored in the low dtype, fp32 adapters
+    train.main(small_run(tmp_path, "--device", "cpu", "--dtype", dtype, "--max_steps", "2", "--eval_limit", "2",
+                         "--max_new_tokens", "2"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ckpt["weights"].items() if k != "moelora_config")
+    assert ckpt["scaler"] == {} if dtype == "bf16" else ckpt["scaler"]["scale"] > 0
+    if dtype == "fp16":
+        # fp16's first step overflows at the scaler's initial 2^16 and is skipped; the second step is taken.
+        # An inf put into the second step's gradient must make the scaler skip that one too and halve again
+        B = [v for k, v in ckpt["weights"].items() if k.endswith("lora_B")]
+        assert ckpt["scaler"]["scale"] == 2.0 ** 15 and any(v.abs().max() > 0 for v in B)
+        original, calls = train.forward_backward, []
+
+        def with_an_inf(run, args, model, raw_model, *rest):
+            out = original(run, args, model, raw_model, *rest)
+            calls.append(1)
+            if len(calls) == 2:
+                next(p for p in raw_model.parameters() if p.requires_grad).grad.view(-1)[0] = float("inf")
+            return out
+        monkeypatch.setattr(train, "forward_backward", with_an_inf)
+        train.main(small_run(tmp_path / "inf", "--device", "cpu", "--dtype", "fp16", "--max_steps", "2",
+                             "--eval_limit", "2", "--max_new_tokens", "2"))
+        skipped = torch.load(tmp_path / "inf" / "ckpt.pt", weights_only=True)
+        assert skipped["scaler"]["scale"] == 2.0 ** 14
+        assert all(torch.equal(v, torch.zeros_like(v)) for k, v in skipped["weights"].items() if k.endswith("lora_B"))
+
+
+def test_gpu_checklist_uses_flags_that_exist():
+    # benchmarks/gpu_checklist.sh runs only where a GPU is: check here that it parses and that every flag it
+    # gives a script is one the script knows, so that it cannot rot between GPU sessions
+    script = ROOT / "benchmarks" / "gpu_checklist.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    calls = re.findall(r"(train\.py|benchmarks/\w+\.py)\s+([^\n]*)", text)
+    assert {name for name, _ in calls} == {"train.py", "benchmarks/bench_cross_entropy.py", "benchmarks/bench_vs_hf.py"}
+    for name, rest in calls:
+        known = set(re.findall(r"""["'](--\w+)["']""", (ROOT / name).read_text()))
+        for flag in re.findall(r"(--\w+)", rest):
+            assert flag in known, f"{name} has no {flag}"
+
+
+def test_a_prompt_longer_than_the_context_is_cut_and_counted():
+    # some commonsense prompts pass 800 tokens; stories260K reads 512: the prompt keeps its end and the answer room
+    tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
+    model = train.Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    args = train.parse_args(["--max_new_tokens", "8", "--eval_batch_size", "2"])
+    examples = [{"instruction": "Once upon a time " * 200 + "Answer format: true/false", "input": "", "output": "",
+                 "answer": "true"}, {"instruction": "Is the sky blue?", "input": "", "output": "", "answer": "true"}]
+    assert len(train.eval_prompt_tokens(tok, examples[0])) > 512
+    responses, n_cut = train.generate_responses(args, run, model, tok, "boolq", examples)
+    assert n_cut == 1 and len(responses) == 2

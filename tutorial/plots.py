@@ -44,7 +44,7 @@ def trainable_parameters(run_dir: Path):
     """The number of trained weights: the tensors of the adapter checkpoint (what train.py logs as 'training N')."""
     import torch
 
-    weights = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)["weights"]
+    weights = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)["weights"]
     return sum(v.numel() for k, v in weights.items() if k != "moelora_config")
 
 

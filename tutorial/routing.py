@@ -154,12 +154,12 @@ def load_run(run_dir: Path, base=None):
     """(model with the run's trained adapters, the same model as the run started, tokenizer, ckpt config)."""
     import train  # the checks of train.load_checkpoint: this base, this method, this adapter configuration
 
-    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     config = ckpt["config"]
     if config["method"] != "moelora":
         raise SystemExit(f"{run_dir}: --method {config['method']} has no router to analyse")
     # where the base is: --base, else the run's --model, else the built-in tiny base inside the run directory
-    base = Path(base or config["model"] or run_dir / f"tiny_base_{config['task']}")
+    base = Path(base or config["model"] or config["base"])
     tok = Tokenizer.from_dir(base)
     models = []
     for trained in (True, False):
