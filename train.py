@@ -444,8 +444,11 @@ def catch_stop_signals() -> dict:
         if stop["signal"] is not None:
             raise KeyboardInterrupt
         stop["signal"] = signum
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+    except ValueError:  # not the main thread (train.main called from a thread): signals keep their handlers
+        pass
     return stop
 
 
@@ -614,8 +617,9 @@ def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> boo
                         f"{run.out_dir / 'ckpt.pt'}. Continue with the same command and --resume")
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with contextlib.suppress(ValueError):  # (not the main thread)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     bar.close()
     if step < total_steps:
         run.log(f"stopped after step {step} of {total_steps} (--stop_after); continue with --resume")
