@@ -131,9 +131,13 @@ def test_a_layer_that_its_parent_bypasses_is_reported():
 
     model = inject_moelora(Fused(), config(("up", "down")))
     model(torch.randn(2, 3, 16))
-    with pytest.warns(UserWarning, match=r"1 adapted layer\(s\) never ran a forward \(first: up\)"):
+    assert not model.up.has_run and model.down.has_run
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        moelora_aux_losses(model)
+        losses = moelora_aux_losses(model)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "1 adapted layer(s) never ran a forward (first: up)" in messages[0], messages
+    assert set(losses) == {"contrastive", "balance"}  # down's losses still come back
 
 
 def tiny_hf_llama():
