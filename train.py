@@ -192,7 +192,7 @@ def build_tiny_base(base_dir: Path, task: str, texts, steps: int, seed: int, log
     """A tokenizer and a tiny LLaMA pretrained on texts, in base_dir; nothing to do when it is there already."""
     if (base_dir / "consolidated.00.pth").exists():
         log(f"built-in tiny LLaMA: reusing {base_dir}")
-        return base_dir
+        return
     log(f"no --model given: building the built-in tiny LLaMA in {base_dir} (a stand-in so the pipeline runs "
         "anywhere; its accuracy says nothing about the method at scale)")
     base_dir.mkdir(parents=True, exist_ok=True)
@@ -480,17 +480,17 @@ def micro_batches_of_step(run: Run, args, n_examples: int, step: int, steps_per_
     return [mine[j:j + args.micro_batch_size] for j in range(0, per_rank, args.micro_batch_size)]
 
 
-def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches, pad_id: int):
+def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches, pad_id: int, per_source=None):
     """Accumulate the gradients of one optimizer step. Returns the step's losses for the log (lm, contrastive,
-    balance: 0-dim tensors left on the device, so the host waits once per step; and, for a mixture, the summed
-    target losses and target counts per source, [S] each) and the number of positions processed."""
+    balance: 0-dim tensors left on the device, so the host waits once per step) and the number of positions
+    processed. per_source ([2, sources], for a logged step of a mixture) receives each source's summed target
+    loss and target count."""
     pairs, sources = train_set.pairs, train_set.sources
     # every target token of the global batch weighs the same, however the batch is split into micro-batches
     # and processes: weight each micro-batch's mean loss by its share of the targets
     n_targets = [sum(sum(l != IGNORE_INDEX for l in pairs[i][1]) for i in mb) for mb in micro_batches]
     global_targets = all_reduce_sum(sum(n_targets), run)
     sums = {k: torch.zeros((), device=run.device) for k in ("lm", "contrastive", "balance")}
-    per_source = torch.zeros(2, len(train_set.names), device=run.device)  # [loss sum, targets] x sources
     positions = 0
     for j, mb in enumerate(micro_batches):
         x, y, real = collate([pairs[i] for i in mb], pad_id, run.device)  # [B, T] each
@@ -504,19 +504,20 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
             # DDP averages gradients over processes, hence the world_size factor
             loss = lm_loss * (n_targets[j] * run.world_size / global_targets)
             loss = loss + sum(aux.values()) / len(micro_batches)
-        run.scaler.scale(loss).backward()
-        sums["lm"] += lm_loss.detach().float() * (n_targets[j] / max(1, sum(n_targets)))
-        for k, v in aux.items():
-            sums[k] += v.detach().float() / len(micro_batches)
-        if len(train_set.names) > 1:  # the language-model loss of each source's examples
+        if per_source is not None:
             with torch.no_grad():
                 token_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                              reduction="none").view(y.shape)  # [B, T], 0 at ignored targets
                 src = torch.tensor([sources[i] for i in mb], device=run.device)  # [B]
                 per_source[0].index_add_(0, src, token_loss.sum(1))
                 per_source[1].index_add_(0, src, (y != IGNORE_INDEX).sum(1).float())
+        del logits  # held through backward, they would be one more logits-sized array at its peak
+        run.scaler.scale(loss).backward()
+        sums["lm"] += lm_loss.detach().float() * (n_targets[j] / max(1, sum(n_targets)))
+        for k, v in aux.items():
+            sums[k] += v.detach().float() / len(micro_batches)
         positions += x.numel()
-    return sums, per_source, positions
+    return sums, positions
 
 
 def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, tokens_per_s: float, source_losses) -> str:
@@ -552,8 +553,8 @@ def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, s
 
 
 def per_source_losses(run: Run, names: list, per_source):
-    """{source: mean target loss since the last log line} for a mixture (None for one source), over all processes."""
-    if len(names) == 1:
+    """{source: mean target loss in the step's batch} for a mixture (None for one source), over all processes."""
+    if per_source is None:
         return None
     if run.world_size > 1:
         dist.all_reduce(per_source)
@@ -583,7 +584,6 @@ def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> boo
     last_step = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=run.rank != 0, dynamic_ncols=True)
     t0, positions = time.time(), 0
-    per_source = torch.zeros(2, len(train_set.names), device=run.device)  # since the last log line
     stop = catch_stop_signals()
     try:
         while step < last_step:
@@ -591,21 +591,24 @@ def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> boo
             for g in optimizer.param_groups:
                 g["lr"] = lr
             micro_batches = micro_batches_of_step(run, args, n_examples, step, steps_per_epoch)
-            sums, step_per_source, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id)
+            logged = (step + 1) % args.log_interval == 0 or step + 1 == last_step
+            # a mixture's loss per source, like the logged loss, is that of the logged step's batch
+            per_source = None
+            if logged and len(train_set.names) > 1:
+                per_source = torch.zeros(2, len(train_set.names), device=run.device)  # [loss sum, targets] x sources
+            sums, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id, per_source)
             positions += n
-            per_source += step_per_source
             losses = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one host sync
             optimizer_step(args, run, optimizer, params, losses, step, saved_step)
             step += 1
             bar.update(1)
-            if step % args.log_interval == 0 or step == last_step:
+            if logged:
                 source_losses = per_source_losses(run, train_set.names, per_source)
                 line = log_step(run, args, raw_model, step, lr, losses, positions * run.world_size / (time.time() - t0),
                                 source_losses)
                 if run.rank == 0:
                     bar.write(line)
                 t0, positions = time.time(), 0
-                per_source.zero_()
             stopping = stop_requested(run, stop)
             if step % args.save_interval == 0 or step == last_step or stopping:
                 save_checkpoint(run, args, raw_model, optimizer, step, fingerprint, init_routers)
