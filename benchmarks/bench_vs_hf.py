@@ -70,6 +70,7 @@ def parse_args(argv=None):
     a("--device", default="cpu")
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype the models are stored in (adapters stay float32)")
     a("--shape", default="small", choices=list(SHAPES))
+    a("--n_layers", type=int, default=None, help="layers (default: the shape's): fewer layers of a real width, to measure it quickly")
     a("--vocab", type=int, default=32000)
     a("--batch", type=int, default=None, help="training batch (default: the shape's)")
     a("--seq", type=int, default=None, help="training sequence length (default: the shape's)")
@@ -106,7 +107,7 @@ def parse_args(argv=None):
 def model_args(args) -> ModelArgs:
     s = SHAPES[args.shape]
     max_len = max(args.seq, args.prompt_hi + args.max_new_tokens)
-    return ModelArgs(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], vocab_size=args.vocab, max_seq_len=max_len)
+    return ModelArgs(dim=s["dim"], n_layers=args.n_layers or s["n_layers"], n_heads=s["n_heads"], vocab_size=args.vocab, max_seq_len=max_len)
 
 
 def hf_config(margs: ModelArgs):
@@ -123,7 +124,8 @@ def build_pair(args):
     import transformers
     margs = model_args(args)
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config(margs)).to(args.torch_dtype)  # initialised on the CPU
+    with torch.device(args.device):  # initialised where it runs: a 7B model's random init takes minutes on a CPU
+        hf = transformers.LlamaForCausalLM(hf_config(margs)).to(args.torch_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = Transformer.from_pretrained(tmp, device=args.device)
