@@ -1,41 +1,69 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one command. Run it from the project root whenever a GPU is at hand:
-#   bash benchmarks/gpu_checklist.sh [out_root]          (default out/gpu_checklist; about 10 minutes on one H100)
+#   bash benchmarks/gpu_checklist.sh [out_root] [seconds]     (defaults out/gpu_checklist, 540)
 # It needs the fixtures of ../shared (or MOELORA_SHARED) and transformers + peft (requirements-dev.txt).
-#   1. bf16 and fp16 (with its gradient scaler) training and grading on the real stories260K checkpoint
-#   2. data parallel over NCCL with every GPU present (skipped on one GPU)
-#   3. the loss alone: peak memory with fp32 and bf16 logits at LLaMA-7B's micro-batch
-#   4. a training step at LLaMA-7B's shape: memory and tokens/s, eager, then with --grad_checkpointing and --compile
-# Each part prints its figures; benchmarks/README.md is where they go, with the GPU's name.
-set -euo pipefail
+# Parts, most important first; each has its own time limit and the whole stays inside `seconds`, so a part
+# that hangs or runs long costs its limit, not the rest of the list (a GPU is often lent for minutes only):
+#   1. bf16 training and grading on the real stories260K checkpoint (GSM8K, 30 steps, 200 questions)
+#   2. fp16 with its gradient scaler, stopped after 15 steps and resumed to 30 (the scaler's state is saved)
+#   3. the task mixture on CUDA: --task math, per-benchmark grading and routing per task
+#   4. a training step at LLaMA-7B's shape (32 layers, dim 4096, 4 x 512 tokens): memory, tokens/s, MFU
+#   5. the same with --grad_checkpointing
+#   6. the loss alone: peak memory with fp32 and bf16 logits at LLaMA-7B's micro-batch
+#   7. train.py with --compile and --grad_checkpointing on stories260K
+#   8. --compile at LLaMA-7B's width (4 layers: compiling 32 takes longer than a short lease)
+#   9. NCCL data parallel with every GPU (skipped on one GPU)
+#  10. the test suite on this machine's torch / transformers / peft (the tests themselves run on the CPU)
+# Each part prints its figures and ends with "== <part>: rc R in S s"; benchmarks/README.md is where they go.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/gpu_checklist}
+DEADLINE=$(( $(date +%s) + ${2:-540} ))
 SHARED=${MOELORA_SHARED:-../shared}
+export MOELORA_SHARED=$SHARED MOELORA_DATA_DIR=$SHARED/data MOELORA_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+
+part() {  # part NAME LIMIT COMMAND...: runs COMMAND for at most LIMIT seconds, or what is left before the deadline
+  local name=$1 limit=$2 start left rc
+  shift 2
+  start=$(date +%s)
+  left=$(( DEADLINE - start ))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "== $name: skipped, no time left"; return; fi
+  echo "== $name (at most ${limit} s)"
+  timeout "$limit" "$@"
+  rc=$?
+  echo "== $name: rc $rc in $(( $(date +%s) - start )) s$( ((rc == 124)) && echo ' (time limit)')"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'bf16', torch.cuda.is_bf16_supported())"
+python -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'bf16',
+torch.cuda.is_bf16_supported(), 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
-echo "== 1. mixed precision on stories260K"
-for dtype in bf16 fp16; do
-  python train.py --task gsm8k --model "$SHARED/models/stories260K-hf" --data_dir "$SHARED/data" --device cuda \
-    --dtype "$dtype" --max_steps 30 --batch_size 16 --micro_batch_size 8 --max_seq_len 512 --log_interval 10 \
-    --eval_limit 200 --max_new_tokens 64 --out_dir "$OUT/stories_$dtype" --overwrite
-done
+STORIES=(--model "$SHARED/models/stories260K-hf" --data_dir "$SHARED/data" --device cuda --batch_size 16
+         --micro_batch_size 8 --max_seq_len 512 --log_interval 5 --max_new_tokens 64 --overwrite)
+part "1. bf16, stories260K, gsm8k" 90 python train.py --task gsm8k "${STORIES[@]}" --dtype bf16 --max_steps 30 \
+  --eval_limit 200 --out_dir "$OUT/stories_bf16"
+part "2a. fp16, stories260K, stopped after 15 steps" 60 python train.py --task gsm8k "${STORIES[@]}" --dtype fp16 \
+  --max_steps 30 --stop_after 15 --eval_limit 200 --out_dir "$OUT/stories_fp16"
+part "2b. fp16, resumed to 30 steps" 90 python train.py --task gsm8k "${STORIES[@]/--overwrite/--resume}" --dtype fp16 \
+  --max_steps 30 --eval_limit 200 --out_dir "$OUT/stories_fp16"
+part "3. bf16, stories260K, --task math" 120 python train.py --task math "${STORIES[@]}" --dtype bf16 --max_steps 20 \
+  --eval_limit 25 --out_dir "$OUT/stories_math"
 
-echo "== 2. NCCL data parallel"
+SEVEN_B=(--device cuda --dtype bf16 --shape 7b --parts train --rounds 5 --methods lora,moelora,moelora-cl0)
+part "4. training step at LLaMA-7B's shape" 150 python benchmarks/bench_vs_hf.py "${SEVEN_B[@]}"
+part "5. the same, gradient checkpointing" 120 python benchmarks/bench_vs_hf.py "${SEVEN_B[@]}" --grad_checkpointing
+part "6. the loss alone at LLaMA-7B's micro-batch" 60 python benchmarks/bench_cross_entropy.py --device cuda --rounds 3
+part "7. train.py --compile --grad_checkpointing" 120 python train.py --task gsm8k "${STORIES[@]}" --dtype bf16 \
+  --max_steps 20 --eval_limit 50 --compile --grad_checkpointing --out_dir "$OUT/stories_compile"
+part "8. --compile at LLaMA-7B's width, 4 layers" 150 python benchmarks/bench_vs_hf.py "${SEVEN_B[@]}" --n_layers 4 --compile
+
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -gt 1 ]; then
-  torchrun --standalone --nproc_per_node="$GPUS" train.py --task gsm8k --model "$SHARED/models/stories260K-hf" \
-    --data_dir "$SHARED/data" --dtype bf16 --max_steps 30 --batch_size 16 --micro_batch_size 4 --max_seq_len 512 \
-    --log_interval 10 --eval_limit 200 --max_new_tokens 64 --out_dir "$OUT/stories_ddp" --overwrite
+if (( GPUS > 1 )); then
+  part "9. NCCL data parallel on $GPUS GPUs" 120 torchrun --standalone --nproc_per_node="$GPUS" train.py --task gsm8k \
+    "${STORIES[@]}" --dtype bf16 --max_steps 30 --micro_batch_size 4 --eval_limit 200 --out_dir "$OUT/stories_ddp"
 else
-  echo "one GPU: skipped"
+  echo "== 9. NCCL data parallel: skipped, one GPU"
 fi
-
-echo "== 3. the loss alone at LLaMA-7B's micro-batch"
-python benchmarks/bench_cross_entropy.py --device cuda --rounds 5
-
-echo "== 4. a training step at LLaMA-7B's shape"
-python benchmarks/bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0
-python benchmarks/bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 --grad_checkpointing
-python benchmarks/bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 --compile
+part "10. the test suite" 150 python -m pytest -q -x -p no:cacheprovider $(python -c "import xdist" 2>/dev/null && echo -n "-n 8")
