@@ -97,6 +97,8 @@ def parse_args(argv=None):
     a("--contrastive_weight", type=float, default=adapter.contrastive_weight, help="weight of the contrastive loss, 0 = off (default %(default)s)")
     a("--contrastive_temperature", type=float, default=adapter.contrastive_temperature, help="its temperature (default %(default)s)")
     a("--contrastive_samples", type=int, default=adapter.contrastive_samples, help="(token, expert) pairs per layer in it (default %(default)s)")
+    a("--contrastive_warmup", type=int, default=0, help="steps over which the contrastive weight rises linearly from 0 "
+      "to --contrastive_weight (default 0: full weight from the first step)")
     a("--balance_weight", type=float, default=adapter.balance_weight, help="weight of the load-balancing loss (default %(default)s)")
     a("--lr", type=float, default=None, help="peak learning rate " + preset_default("lr"))
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s)")
@@ -145,7 +147,8 @@ def check_args(args):
                                                                                      "stop_after")
                  if getattr(args, k) is not None and getattr(args, k) <= 0]
     problems += [f"--{k} {getattr(args, k)} must be >= 0" for k in ("warmup_steps", "weight_decay", "grad_clip",
-                                                                    "contrastive_weight", "balance_weight")
+                                                                    "contrastive_weight", "contrastive_warmup",
+                                                                    "balance_weight")
                  if getattr(args, k) < 0]
     if not 0 <= args.lora_dropout < 1:
         problems.append(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
@@ -364,6 +367,10 @@ def setup_distributed(args):
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, device
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if cuda else 0
+    if cuda and per_node > gpus:  # each process takes the GPU of its local rank: some would find none
+        raise SystemExit(f"error: torchrun started {per_node} processes on this node, which has {gpus} GPU(s): use "
+                         f"--nproc_per_node {gpus} or fewer, or --device cpu")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     device = f"cuda:{local_rank}" if cuda else "cpu"
@@ -480,11 +487,18 @@ def micro_batches_of_step(run: Run, args, n_examples: int, step: int, steps_per_
     return [mine[j:j + args.micro_batch_size] for j in range(0, per_rank, args.micro_batch_size)]
 
 
-def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches, pad_id: int, per_source=None):
-    """Accumulate the gradients of one optimizer step. Returns the step's losses for the log (lm, contrastive,
-    balance: 0-dim tensors left on the device, so the host waits once per step) and the number of positions
-    processed. per_source ([2, sources], for a logged step of a mixture) receives each source's summed target
-    loss and target count."""
+def contrastive_ramp(args, step: int) -> float:
+    """The share of --contrastive_weight used at step `step` (0-based): (step + 1) / --contrastive_warmup, capped
+    at 1. The layers hold the full weight; the training loop scales their loss by this."""
+    return 1.0 if args.contrastive_warmup == 0 else min(1.0, (step + 1) / args.contrastive_warmup)
+
+
+def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches, pad_id: int, step: int,
+                     per_source=None):
+    """Accumulate the gradients of optimizer step `step` (0-based). Returns the step's losses for the log (lm,
+    contrastive as added to the loss, balance: 0-dim tensors left on the device, so the host waits once per step)
+    and the number of positions processed. per_source ([2, sources], for a logged step of a mixture) receives each
+    source's summed target loss and target count."""
     pairs, sources = train_set.pairs, train_set.sources
     # every target token of the global batch weighs the same, however the batch is split into micro-batches
     # and processes: weight each micro-batch's mean loss by its share of the targets
@@ -501,6 +515,8 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
         with (contextlib.nullcontext() if run.world_size == 1 or sync else model.no_sync()), run.autocast(), only_real:
             logits, lm_loss = model(x, y)
             aux = moelora_aux_losses(raw_model) if args.method == "moelora" else {}
+            if aux and args.contrastive_warmup:
+                aux["contrastive"] = aux["contrastive"] * contrastive_ramp(args, step)
             # DDP averages gradients over processes, hence the world_size factor
             loss = lm_loss * (n_targets[j] * run.world_size / global_targets)
             loss = loss + sum(aux.values()) / len(micro_batches)
@@ -596,7 +612,8 @@ def train(args, run: Run, model, raw_model, tok, train_set, init_routers) -> boo
             per_source = None
             if logged and len(train_set.names) > 1:
                 per_source = torch.zeros(2, len(train_set.names), device=run.device)  # [loss sum, targets] x sources
-            sums, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id, per_source)
+            sums, n = forward_backward(run, args, model, raw_model, train_set, micro_batches, tok.pad_id, step,
+                                       per_source)
             positions += n
             losses = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one host sync
             optimizer_step(args, run, optimizer, params, losses, step, saved_step)

@@ -2,6 +2,11 @@ import os
 import sys
 from pathlib import Path
 
+# The suite checks the float32 CPU path against its references; what needs a GPU is in benchmarks/gpu_checklist.sh.
+# On a machine with GPUs, train.py would otherwise pick CUDA and mixed precision by itself (and torchrun tests
+# would start more processes than GPUs), so the tests hide the GPUs from themselves and from their subprocesses.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 import pytest
 import torch
 

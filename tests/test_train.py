@@ -160,6 +160,21 @@ def test_checkpoint_from_another_config_or_base_is_refused(tmp_path):
                    + ["--target_modules", "wq,wv"])
 
 
+def test_contrastive_warmup_scales_the_contrastive_loss(tmp_path):
+    # step 1 of a run with --contrastive_warmup 4 adds a quarter of what the same step adds without it (the
+    # parameters, batch and samples of step 1 are the same); the ramp reaches the full weight at step 4
+    common = ["--max_steps", "1", "--eval_limit", "1", "--max_new_tokens", "1"]
+    train.main(small_run(tmp_path / "full", *common))
+    train.main(small_run(tmp_path / "warm", *common, "--contrastive_warmup", "4"))
+    full, warm = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("full", "warm"))
+    assert full["contrastive"] > 0
+    assert warm["contrastive"] == pytest.approx(full["contrastive"] / 4, rel=1e-5)
+    assert warm["loss"] == pytest.approx(full["loss"], rel=1e-6)  # the language-model loss is untouched
+    args = train.parse_args(["--contrastive_warmup", "4"])
+    assert [train.contrastive_ramp(args, s) for s in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert train.contrastive_ramp(train.parse_args([]), 0) == 1
+
+
 def test_method_lora_and_full_train(tmp_path):
     train.main(small_run(tmp_path / "lora", "--method", "lora", "--r", "8", "--max_steps", "2", "--eval_limit", "1"))
     w = adapter_weights(tmp_path / "lora" / "ckpt.pt")
@@ -299,14 +314,26 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     (["--eval_limit", "0"], "--eval_limit 0 must be > 0"), (["--top_k", "9"], "--top_k 9 must be at most --num_experts 8"),
     (["--lora_dropout", "1"], "--lora_dropout 1.0 must be in"), (["--resume", "--overwrite"], "contradict"),
     (["--micro_batch_size", "32", "--batch_size", "16"], "--micro_batch_size 32 must be at most --batch_size 16"),
+    (["--contrastive_warmup", "-1"], "--contrastive_warmup -1 must be >= 0"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_work(flags, message):
     with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}"):
         train.parse_args(flags)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
-def test_cuda_asked_on_a_cpu_only_torch():
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    # torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 would fail deep in CUDA ("invalid device ordinal")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    args = train.parse_args(["--device", "cpu"])
+    args.device = None  # what a GPU machine's defaults would give
+    with pytest.raises(SystemExit, match="started 2 processes on this node, which has 1 GPU.*--nproc_per_node 1"):
+        train.setup_distributed(args)
+
+
+def test_cuda_asked_on_a_cpu_only_torch():  # conftest hides any GPU, so this runs on every machine
     with pytest.raises(SystemExit, match="--device cuda, but this torch has no usable CUDA"):
         train.parse_args(["--device", "cuda"])
 
@@ -444,6 +471,9 @@ def test_gpu_checklist_uses_flags_that_exist():
     script = ROOT / "benchmarks" / "gpu_checklist.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text().replace("\\\n", " ")
+    arrays = dict(re.findall(r"^(\w+)=\(([^)]*)\)", text, flags=re.M))  # NAME=(--flag value ...), given as "${NAME[@]}"
+    assert {"STORIES", "SEVEN_B"} <= arrays.keys()
+    text = re.sub(r'"\$\{(\w+)\[@\][^}]*\}"', lambda m: " ".join(arrays[m.group(1)].split()), text)
     calls = re.findall(r"(train\.py|benchmarks/\w+\.py)\s+([^\n]*)", text)
     assert {name for name, _ in calls} == {"train.py", "benchmarks/bench_cross_entropy.py", "benchmarks/bench_vs_hf.py"}
     for name, rest in calls:
