@@ -1,0 +1,33 @@
+"""tutorial/shift.py, reduced: the language-model experiment runs end to end, and a second call reuses the runs."""
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, shared_path
+
+sys.path.insert(0, str(ROOT / "tutorial"))
+import shift  # noqa: E402
+
+
+def test_shift_experiment_quick(tmp_path, capsys):
+    argv = ["--quick", "--out_dir", str(tmp_path), "--contenders", "lora,moelora_warm", "--jobs", "2",
+            "--model", str(shared_path("models/stories260K-hf")), "--data_dir", str(shared_path("data"))]
+    shift.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("start ") == 3 and "| moelora_warm |" in out
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert rows.keys() == {"base", "lora", "moelora_warm"}
+    base, lora, warm = rows["base"][0], rows["lora"][0], rows["moelora_warm"][0]
+    assert set(shift.BENCHMARKS) <= base.keys()  # the whole family is graded
+    assert lora["gsm8k_loss"] < base["gsm8k_loss"]  # two steps at lr 3e-3 already move it
+    assert warm["mi_initial"] >= 0 and warm["h_task"] > 2  # routing per task, with its step-0 control
+    assert 0 < warm["contrastive_last"] < 0.01  # step 2 of a 75-step warm-up: 2/75 of a loss below 0.4
+    assert "--contrastive_warmup 75" in (tmp_path / "moelora_warm_s1" / "command.txt").read_text()
+    shift.main(argv)  # every run has its results: nothing runs again
+    assert "start " not in capsys.readouterr().out
+
+
+def test_shift_refuses_an_unknown_contender():
+    with pytest.raises(SystemExit):
+        shift.parse_args(["--contenders", "lora,mystery"])
