@@ -198,7 +198,11 @@ def contrastive_loss(dots, labels, temperature: float, norm_floor: float, real=N
 
 def in_backward_pass() -> bool:
     """True while autograd runs a backward pass. A module's forward runs then only when activation checkpointing
-    recomputes it. (The test PyTorch's own FSDP and module tracker use.)"""
+    recomputes it. (The test PyTorch's own FSDP and module tracker use.) False while torch.compile traces: a
+    compiled graph recomputes checkpointed regions inside its own backward, never by calling forward again, and
+    the check would split the graph."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -268,7 +272,12 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x):
         result = F.linear(x, self.weight, self.bias)
-        self.aux_contrastive = self.aux_balance = None
+        # Under activation checkpointing this forward runs a second time inside backward. That rerun must redo the
+        # losses' operations (it has to save for backward what the first run saved) but must not keep them: held
+        # here, each rerun layer's loss graph and the tensors it saved would stay alive until the next step.
+        rerun = in_backward_pass()
+        if not rerun:
+            self.aux_contrastive = self.aux_balance = None
         self.has_run = True
         if self.merged:
             return result
@@ -287,10 +296,13 @@ class MoELoRALinear(nn.Module):
         delta = F.linear(h_gated, self.experts_B())  # [M, out]
         self.last_logits, self.last_top_idx, self.last_real = logits.detach(), top_idx, real
         if self.training:
+            balance = contrastive = None
             if cfg.balance_weight > 0:
-                self.aux_balance = cfg.balance_weight * balance_loss(logits, top_idx, N, real)
+                balance = cfg.balance_weight * balance_loss(logits, top_idx, N, real)
             if cfg.contrastive_weight > 0:
-                self.aux_contrastive = cfg.contrastive_weight * self.sampled_contrastive_loss(h, top_idx, real)
+                contrastive = cfg.contrastive_weight * self.sampled_contrastive_loss(h, top_idx, real)
+            if not rerun:
+                self.aux_balance, self.aux_contrastive = balance, contrastive
         delta = (self.scaling * delta).view(*x.shape[:-1], self.out_features)
         return result + delta.to(result.dtype)
 
