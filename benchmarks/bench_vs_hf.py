@@ -5,7 +5,7 @@ This project against transformers + PEFT: the same LLaMA, the same work, measure
     python benchmarks/bench_vs_hf.py --rounds 3 --parts train --no_memory        # a quicker look
     python benchmarks/bench_vs_hf.py --profile                # also: where one training step of each contender spends its time
     python benchmarks/bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 [--compile] [--grad_checkpointing]
-                                                   # (the CUDA path is untested: no GPU was available when it was written)
+                                                   # (benchmarks/README.md "On a GPU": an H200's figures)
 
 Both models are built with the same random weights: transformers' LlamaForCausalLM(LlamaConfig(...)) is
 saved with save_pretrained and loaded by Transformer.from_pretrained (nothing is downloaded). Contenders
