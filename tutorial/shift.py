@@ -121,7 +121,8 @@ def run_all(args):
 
 def collect(args, name, seed):
     """One run's figures: accuracy per benchmark, GSM8K answer loss, I(task; expert) trained / at step 0, and the
-    training loss per source at the last logged step."""
+    training loss (overall, per source, contrastive as added) averaged over the logged steps of the last fifth of
+    training: one logged batch holds only a few MAWPS examples, so a single step's figure would be noise."""
     res = json.loads(results_file(args, name, seed).read_text())
     out = {b: 100 * res["benchmarks"][b]["accuracy"] for b in BENCHMARKS if b in res["benchmarks"]}
     out["average"] = statistics.mean(out[b] for b in BENCHMARKS if b in out)
@@ -133,11 +134,16 @@ def collect(args, name, seed):
     metrics = run_dir(args, name, seed) / "metrics.jsonl"
     if metrics.exists():
         log = [json.loads(line) for line in metrics.read_text().splitlines()]
-        last = log[-1]
-        out["train_loss"] = last["loss"]
-        for source, value in last.get("loss_per_source", {}).items():
-            out[f"train_{source}"] = value
-        out["contrastive_last"] = last.get("contrastive")
+        tail = [r for r in log if r["step"] > 0.8 * log[-1]["step"]]
+        out["train_loss"] = statistics.mean(r["loss"] for r in tail)
+        out["contrastive_last"] = statistics.mean(r["contrastive"] for r in tail)
+        routing = [r["routing"] for r in tail if r.get("routing")]
+        if routing:  # per layer: router entropy (nats; uniform over 8 experts = 2.08) and the busiest expert's share
+            out["router_entropy"] = statistics.mean(l["router_entropy"] for r in routing for l in r.values())
+            out["max_share"] = statistics.mean(max(l["expert_share"]) for r in routing for l in r.values())
+        for source in ("gsm8k", "mawps"):
+            values = [r["loss_per_source"][source] for r in tail if source in r.get("loss_per_source", {})]
+            out[f"train_{source}"] = statistics.mean(values) if values else None
     return out
 
 
@@ -165,17 +171,18 @@ def report(args):
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nper seed, GSM8K answer loss: " + "; ".join(
         f"{n} " + " / ".join(f"{r['gsm8k_loss']:.3f}" for r in runs) for n, runs in rows.items() if n != "base"))
-    print("\ntraining loss at the last logged step (that step's batch), and routing per task on the graded "
-          f"questions; H(task) = {rows['base'][0].get('h_task', float('nan')):.3f} bits\n")
-    print("| contender | train loss | gsm8k source | mawps source | contrastive (as added) | "
-          "I(task; expert) trained, bits | same, routers at step 0 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\ntraining loss, mean over the logged steps of the last fifth of training (each on its own batch), and "
+          f"routing per task on the graded questions; H(task) = {rows['base'][0].get('h_task', float('nan')):.3f} bits\n")
+    print("| contender | train loss | gsm8k source | mawps source | contrastive (as added) | router entropy | "
+          "busiest expert's share | I(task; expert) trained, bits | same, routers at step 0 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in rows.items():
         if name == "base":
             continue
         cells = [mean_sd([r.get(k) for r in runs], f) for k, f in
                  (("train_loss", "{:.3f}"), ("train_gsm8k", "{:.3f}"), ("train_mawps", "{:.3f}"),
-                  ("contrastive_last", "{:.4f}"), ("mi_trained", "{:.4f}"), ("mi_initial", "{:.4f}"))]
+                  ("contrastive_last", "{:.4f}"), ("router_entropy", "{:.3f}"), ("max_share", "{:.3f}"),
+                  ("mi_trained", "{:.4f}"), ("mi_initial", "{:.4f}"))]
         print(f"| {name} | " + " | ".join(cells) + " |")
     json.dump(rows, open(Path(args.out_dir) / "summary.json", "w"), indent=1)
     print(f"\n{n_seeds} seed(s); per-run figures in {Path(args.out_dir) / 'summary.json'}")
