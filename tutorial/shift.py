@@ -7,6 +7,7 @@ SingleEq, SVAMP).
     OMP_NUM_THREADS=1 python tutorial/shift.py                   # full: 3 seeds x 5 contenders + the base, 2 at a time
     OMP_NUM_THREADS=1 python tutorial/shift.py --quick           # reduced (what tests/test_shift.py runs)
     python tutorial/shift.py --report_only                       # the tables again, from the finished runs
+    python tutorial/shift.py --report_only --figure tutorial/shift.png   # and the figure (needs matplotlib)
 
 Every run is a plain train.py command (printed, and kept in its out_dir as command.txt), so any row can be
 rerun alone. A run whose results file exists is not run again: stop the script and start it again to go on.
@@ -16,10 +17,14 @@ adapted layer, come on top) and, within a seed, on the same batches (the seed se
 adapters' initialisation, dropout and the contrastive samples):
   base            stories260K alone (`--eval_only` with no checkpoint: fresh adapters have B = 0)
   lora            --method lora --r 32
+  lora_r8         --method lora --r 8: a control with a quarter of the parameters, the rank each token gets
+                  from MoELoRA (2 experts of rank 4); MoELoRA between the two LoRAs says how much its routing buys
   moelora         MoELoRA 8 x rank 4, top-2, contrastive weight 0.1, balance 0.01 (the project's defaults)
   moelora_cl0     the same, contrastive weight 0
   moelora_cl001   the same, contrastive weight 0.01 (section 6: its gradient can outweigh the LM's early on)
   moelora_warm    the same, contrastive weight 0.1 reached linearly over the first half (--contrastive_warmup)
+and two probes, run when named (`--contenders lora_lr1e-2,moelora_cl0_lr1e-2 --seeds 1`): LoRA and MoELoRA
+without the contrastive loss at lr 1e-2 instead of 3e-3, to see whether the gap between them is one of step size.
 Each trains 150 steps of 16 examples at lr 3e-3 (the tiny preset's), cutoff 512 pieces, and is graded on the
 first 100 questions of each benchmark. Routing per task (I(task; top-1 expert), trained and with the routers as
 drawn at step 0) is measured on those questions: train.py writes it to routing_math_first100.json.
@@ -38,11 +43,16 @@ SHARED = Path(os.environ.get("MOELORA_SHARED", ROOT.parent / "shared"))
 
 CONTENDERS = {
     "lora": ["--method", "lora", "--r", "32"],
+    "lora_r8": ["--method", "lora", "--r", "8"],  # a control: the rank a token gets from its top-2 of rank-4 experts
     "moelora": [],
     "moelora_cl0": ["--contrastive_weight", "0"],
     "moelora_cl001": ["--contrastive_weight", "0.01"],
     "moelora_warm": ["--contrastive_warmup", "75"],  # half of the 150 steps
+    # probes, run only when named in --contenders: is the gap between LoRA and MoELoRA a matter of learning rate?
+    "lora_lr1e-2": ["--method", "lora", "--r", "32", "--lr", "1e-2"],
+    "moelora_cl0_lr1e-2": ["--contrastive_weight", "0", "--lr", "1e-2"],
 }
+PROBES = ("lora_lr1e-2", "moelora_cl0_lr1e-2")
 BENCHMARKS = ("addsub", "aqua", "gsm8k", "multiarith", "singleeq", "svamp")
 
 
@@ -52,12 +62,14 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(SHARED / "models" / "stories260K-hf"))
     p.add_argument("--data_dir", default=os.environ.get("MOELORA_DATA_DIR", str(SHARED / "data")))
     p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(n for n in CONTENDERS if n not in PROBES),
+                   help=f"among {', '.join(CONTENDERS)} (default: all but the probes)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--eval_limit", type=int, default=100)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each with OMP_NUM_THREADS=1 unless set)")
     p.add_argument("--quick", action="store_true", help="2 steps of batch 4, 3 questions per benchmark, 1 seed")
     p.add_argument("--report_only", action="store_true")
+    p.add_argument("--figure", default=None, help="also draw the figure into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.eval_limit, args.seeds = 2, 3, "1"
@@ -137,6 +149,8 @@ def collect(args, name, seed):
         tail = [r for r in log if r["step"] > 0.8 * log[-1]["step"]]
         out["train_loss"] = statistics.mean(r["loss"] for r in tail)
         out["contrastive_last"] = statistics.mean(r["contrastive"] for r in tail)
+        if log[0].get("routing"):  # the first logged step, for comparison
+            out["router_entropy_start"] = statistics.mean(l["router_entropy"] for l in log[0]["routing"].values())
         routing = [r["routing"] for r in tail if r.get("routing")]
         if routing:  # per layer: router entropy (nats; uniform over 8 experts = 2.08) and the busiest expert's share
             out["router_entropy"] = statistics.mean(l["router_entropy"] for r in routing for l in r.values())
@@ -158,7 +172,12 @@ def mean_sd(values, fmt):
 
 def report(args):
     rows = {"base": [collect(args, "base", 0)]}
-    rows.update({n: [collect(args, n, s) for s in args.seeds] for n in args.contenders})
+    for n in args.contenders:  # the runs that have finished: a report while others still run says so per row
+        done = [s for s in args.seeds if results_file(args, n, s).exists()]
+        if len(done) < len(args.seeds):
+            print(f"{n}: {len(done)} of {len(args.seeds)} seeds finished")
+        if done:
+            rows[n] = [collect(args, n, s) for s in done]
     n_seeds = len(args.seeds)
     print(f"\nstories260K on --task math, {args.steps} steps, first {args.eval_limit} questions per benchmark; "
           f"mean ± sd over seeds {args.seeds} (sd = sample standard deviation; the base has no seed)\n")
@@ -173,19 +192,48 @@ def report(args):
         f"{n} " + " / ".join(f"{r['gsm8k_loss']:.3f}" for r in runs) for n, runs in rows.items() if n != "base"))
     print("\ntraining loss, mean over the logged steps of the last fifth of training (each on its own batch), and "
           f"routing per task on the graded questions; H(task) = {rows['base'][0].get('h_task', float('nan')):.3f} bits\n")
-    print("| contender | train loss | gsm8k source | mawps source | contrastive (as added) | router entropy | "
-          "busiest expert's share | I(task; expert) trained, bits | same, routers at step 0 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| contender | train loss | gsm8k source | mawps source | contrastive (as added) | router entropy, first "
+          "logged step | at the end | busiest expert's share | I(task; expert) trained, bits | same, routers at step 0 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in rows.items():
         if name == "base":
             continue
         cells = [mean_sd([r.get(k) for r in runs], f) for k, f in
                  (("train_loss", "{:.3f}"), ("train_gsm8k", "{:.3f}"), ("train_mawps", "{:.3f}"),
-                  ("contrastive_last", "{:.4f}"), ("router_entropy", "{:.3f}"), ("max_share", "{:.3f}"),
+                  ("contrastive_last", "{:.4f}"), ("router_entropy_start", "{:.3f}"), ("router_entropy", "{:.3f}"),
+                  ("max_share", "{:.3f}"),
                   ("mi_trained", "{:.4f}"), ("mi_initial", "{:.4f}"))]
         print(f"| {name} | " + " | ".join(cells) + " |")
     json.dump(rows, open(Path(args.out_dir) / "summary.json", "w"), indent=1)
     print(f"\n{n_seeds} seed(s); per-run figures in {Path(args.out_dir) / 'summary.json'}")
+    if args.figure:
+        figure(args, rows, args.figure)
+
+
+def figure(args, rows, path):
+    """Training loss against step (mean over seeds) and each seed's GSM8K answer loss, per contender."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [n for n in rows if n != "base"]
+    for name in names:
+        logs = [[json.loads(l) for l in (run_dir(args, name, s) / "metrics.jsonl").read_text().splitlines()]
+                for s in args.seeds if results_file(args, name, s).exists()]
+        steps = [r["step"] for r in logs[0]]
+        left.plot(steps, [statistics.mean(log[i]["loss"] for log in logs) for i in range(len(steps))], label=name)
+    left.set(xlabel="step", ylabel="training loss (logged batch, mean over seeds)", title="training")
+    left.legend(fontsize=8)
+    for x, name in enumerate(names):
+        values = [r["gsm8k_loss"] for r in rows[name]]
+        right.scatter([x] * len(values), values, s=16)
+        right.plot([x - 0.25, x + 0.25], [statistics.mean(values)] * 2, color="black")
+    right.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    right.set(ylabel=f"GSM8K answer loss, first {args.eval_limit} questions",
+              title=f"graded: each seed and the mean (the base: {rows['base'][0]['gsm8k_loss']:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
 
 
 def main(argv=None):
