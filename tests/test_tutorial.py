@@ -141,7 +141,7 @@ def test_plots_tables_from_run_files(tmp_path):
 
 
 def test_hugging_face_trainer_snippet(tmp_path):
-    # tutorial.md section 13's MoELoRATrainer, run by transformers' Trainer for one optimizer step of two
+    # tutorial.md section 14's MoELoRATrainer, run by transformers' Trainer for one optimizer step of two
     # accumulated micro-batches; the adapters' gradients must be those of the loss written out by hand:
     # the language-model loss weighted by target tokens over the whole step, plus the mean over micro-batches of
     # the auxiliary losses, each over the real tokens of its micro-batch
