@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the project root: data/
+from data.tasks import FAMILIES  # noqa: E402
+
 SHARED = Path(os.environ.get("MOELORA_SHARED", ROOT.parent / "shared"))
 
 CONTENDERS = {
@@ -53,7 +56,7 @@ CONTENDERS = {
     "moelora_cl0_lr1e-2": ["--contrastive_weight", "0", "--lr", "1e-2"],
 }
 PROBES = ("lora_lr1e-2", "moelora_cl0_lr1e-2")
-BENCHMARKS = ("addsub", "aqua", "gsm8k", "multiarith", "singleeq", "svamp")
+BENCHMARKS = FAMILIES["math"]  # what --task math grades
 
 
 def parse_args(argv=None):
