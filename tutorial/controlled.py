@@ -27,8 +27,12 @@ loss rewards), and sweeps of C vs N, rank per expert, top-k, contrastive
 weight and separation. Figures (matplotlib, optional): controlled_fit.png, controlled_nmi.png.
 """
 import argparse
+import contextlib
 import copy
+import json
 import math
+import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project is flat files at the repo root
 
+import moelora  # noqa: E402
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses  # noqa: E402
 
 
@@ -49,11 +54,13 @@ class Setup:
     d: int = 64  # d_in = d_out
     clusters: int = 4  # C
     teacher_rank: int = 4  # r_t, rank of each cluster's update D_c
+    teacher_aligned: bool = False  # True: D_c reads x along its cluster's centre (its first input direction is mu_c)
     sep: float = 4.0  # |mu_c| in within-cluster standard deviations (4: Bayes error ~0.2% between two clusters)
     experts: int = 4  # N
     r: int = 4  # rank per expert; LoRA gets N * r
     top_k: int = 2  # the project's default
     contrastive_weight: float = 0.1  # the project's default
+    temperature: float = 0.1  # of the contrastive loss, either reading
     balance_weight: float = 0.01  # the project's default
     steps: int = 300
     batch: int = 128  # x top-2 = 256 (input, expert) pairs: the contrastive loss takes them all, no sampling
@@ -69,7 +76,10 @@ VARIANTS = {
     "moelora": {},
     "moelora_cl0": {"contrastive_weight": 0.0},
     "moelora_cl0_frozen_router": {"contrastive_weight": 0.0, "freeze_router": True},  # routing stays as drawn
+    # CoMoE's reading of the contrastive loss instead of the project's (same_token_contrastive): the trial's arm
+    "moelora_sametoken": {"contrastive_weight": 0.0, "same_token": True},
 }
+EXTRA_KEYS = ("freeze_router", "same_token")  # VARIANTS keys that are not MoELoRAConfig fields
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -84,6 +94,8 @@ def make_task(s: Setup, seed: int):
     mu = s.sep * mu / mu.norm(dim=1, keepdim=True)  # [C, d]
     U = torch.randn(C, d, s.teacher_rank, generator=g)
     V = torch.randn(C, s.teacher_rank, d, generator=g)
+    if s.teacher_aligned:  # v_c . x = sep + noise keeps its sign: one cluster's outputs D_c x then point one way
+        V[:, 0] = mu / mu.norm(dim=1, keepdim=True)
     D = U @ V  # [C, d, d]
     # E |D_c x|^2 = |D_c mu_c|^2 + |D_c|_F^2 (eps ~ N(0, I)); scale it to d: the base's MSE per element is then 1
     energy = (D @ mu.unsqueeze(-1)).squeeze(-1).pow(2).sum(-1) + D.pow(2).sum((1, 2))  # [C]
@@ -209,8 +221,9 @@ def build(task, s: Setup, variant: str, seed: int):
     N, r = (1, s.experts * s.r) if lora else (s.experts, s.r)
     cfg = MoELoRAConfig(num_experts=N, top_k=1 if lora else s.top_k, r=r, lora_alpha=2.0 * r, lora_dropout=0.0,
                         target_modules=("proj",), contrastive_weight=s.contrastive_weight,
+                        contrastive_temperature=s.temperature,
                         balance_weight=s.balance_weight)  # alpha = 2r as train.py: scaling 2 for every contender
-    cfg = replace(cfg, **{k: v for k, v in VARIANTS[variant].items() if k != "freeze_router"})
+    cfg = replace(cfg, **{k: v for k, v in VARIANTS[variant].items() if k not in EXTRA_KEYS})
     torch.manual_seed(seed)
     inject_moelora(model, cfg)
     mark_only_moelora_as_trainable(model)
@@ -258,17 +271,123 @@ def expert_outputs(model, x):
     return layer.scaling * torch.einsum("nor,nr->no", layer.lora_B[e], h[torch.arange(len(x)), e]), e
 
 
-def train(task, s: Setup, variant: str, seed: int, lr: float, data=None, eval_data=None):
+def all_expert_outputs(layer, x):
+    """z [n, N, d_out]: every expert's own output on every input, scaling * B_e A_e x (before any gate)."""
+    N, r = layer.config.num_experts, layer.config.r
+    h = F.linear(x, layer.lora_A.reshape(N * r, -1)).view(len(x), N, r)  # [n, N, r] every expert's code
+    return layer.scaling * torch.einsum("eor,ner->neo", layer.lora_B, h)
+
+
+def same_token_contrastive(layer, x, temperature: float):
+    """CoMoE's reading of the contrastive loss (Feng et al., arXiv 2505.17553), a comparison arm of the trial. For
+    each token of x [M, d] and each of its k selected experts (the anchors), the positives are the other selected
+    experts' outputs on the same token and the negatives the unselected experts' outputs on that token:
+        L = - mean over (token, anchor) of mean_p log( exp(cos(z_a, z_p)/tau) / sum_{e != a} exp(cos(z_a, z_e)/tau) )
+    with the cosine floored as in moelora.py. Like the project's reading it sends no gradient to the router.
+    Reads the top-k experts of the layer's last forward, which must have been on x."""
+    N = layer.config.num_experts
+    z = all_expert_outputs(layer, x) / layer.scaling  # [M, N, d] B_e A_e x, as moelora.py's features
+    dots = z @ z.transpose(1, 2)  # [M, N, N]
+    norms = dots.diagonal(dim1=1, dim2=2).clamp(min=moelora.COSINE_NORM_FLOOR ** 2).sqrt()  # [M, N] max(|z|, f)
+    sim = dots / (norms[:, :, None] * norms[:, None, :] * temperature)  # [M, N, N]
+    selected = torch.zeros(len(x), N, dtype=torch.bool).scatter(1, layer.last_top_idx, True)  # [M, N]
+    eye = torch.eye(N, dtype=torch.bool)
+    pos = selected[:, :, None] & selected[:, None, :] & ~eye  # [M, anchor, N]: the other selected experts
+    lse = sim.masked_fill(eye, float("-inf")).logsumexp(dim=-1)  # [M, N] over every other expert of the token
+    mean_pos = (sim * pos).sum(-1) / pos.sum(-1).clamp(min=1)  # [M, N]
+    anchors = selected & pos.any(-1)  # selected experts that have a positive (all of them when k >= 2)
+    return ((lse - mean_pos) * anchors).sum() / anchors.sum().clamp(min=1)
+
+
+def gradient_norm_ratio(contrastive, task_loss, params):
+    """|grad of the contrastive term (as weighted)| / |grad of the task loss|, over the trainable parameters."""
+    norm = lambda loss: torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(
+        loss, params, retain_graph=True, allow_unused=True) if g is not None))
+    return float(norm(contrastive) / norm(task_loss).clamp(min=1e-30))
+
+
+@contextlib.contextmanager
+def router_weight(model, weight):
+    """The layer with another router weight [N, d] for the duration of the with."""
+    router = model.proj.router.weight
+    saved = router.detach().clone()
+    with torch.no_grad():
+        router.copy_(weight)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            router.copy_(saved)
+
+
+def same_scale_random_routers(weight, draws: int, seed: int):
+    """`draws` fresh routers drawn as nn.Linear draws them, each rescaled to the Frobenius norm of weight [N, d]."""
+    g = torch.Generator().manual_seed(40_000 + seed)
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    fresh = [torch.empty(weight.shape).uniform_(-bound, bound, generator=g) for _ in range(draws)]
+    return [w * (weight.norm() / w.norm()) for w in fresh]
+
+
+@torch.no_grad()
+def linear_cka(a, b):
+    """Linear CKA of features a [n, p], b [n, q] on the same n inputs: 1 = the same up to rotation and scale."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float((b.T @ a).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm()).clamp(min=1e-30))
+
+
+def mean_expert_cka(z):
+    """Mean linear CKA over pairs of different experts, z [n, N, d]; experts whose output is still 0 are left out."""
+    live = [e for e in range(z.shape[1]) if z[:, e].abs().max() > 1e-8]
+    pairs = [linear_cka(z[:, i], z[:, j]) for i in live for j in live if i < j]
+    return sum(pairs) / len(pairs) if pairs else float("nan")
+
+
+def decisiveness(logits, k: int):
+    """(mean gap between the k-th and (k+1)-th largest logit, mean entropy of the softmax over all N logits, nats)."""
+    top = logits.topk(k + 1, dim=-1).values  # [n, k+1]
+    logp = logits.log_softmax(dim=-1)
+    return float((top[:, k - 1] - top[:, k]).mean()), float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def topk_sets(model, x):
+    """[n, k] each input's selected experts, sorted: equal rows = the same top-k set."""
+    return model.proj.router(x).topk(model.proj.config.top_k, dim=-1).indices.sort(dim=-1).values
+
+
+def routing_measures(model, init, x_ev, c_ev, y_ev, base_mse: float, seed: int, hist):
+    """Measures (a)-(e) of tutorial/experiments.md for a trained MoE, each with its control: the trained experts
+    with the router put back to its weights at step 0 (init: the model as built)."""
+    def relative_mse(router):
+        with router_weight(model, router):
+            return F.mse_loss(model(x_ev), y_ev).item() / base_mse
+
+    out = {}
+    for name, router in (("", model.proj.router.weight.detach().clone()), ("_init", init.proj.router.weight.detach())):
+        out["mse" + name] = relative_mse(router)
+        swapped = [relative_mse(w) for w in same_scale_random_routers(router, 3, seed)]
+        out["relevance" + name] = sum(swapped) / len(swapped) - out["mse" + name]  # (a)
+        logits = F.linear(x_ev, router)  # [n, N]
+        out["nmi" + name] = nmi(logits.argmax(-1), c_ev)  # (b)
+        out["gap" + name], out["entropy" + name] = decisiveness(logits, model.proj.config.top_k)  # (d)
+    last, before = hist["topk"][-1], hist["topk"][-2]
+    out["consistent_ckpt"] = float((last == before).all(dim=-1).double().mean())  # (c)
+    out["cka"] = mean_expert_cka(all_expert_outputs(model.proj, x_ev[:1024]))  # (e)
+    return out
+
+
+def train(task, s: Setup, variant: str, seed: int, lr: float, data=None, eval_data=None, measures=False):
     """Train one contender; returns its history (relative MSE and top-1 experts at every checkpoint) and
-    the final routing measurements."""
+    the final routing measurements; with measures, also the trial's (a)-(e) and the gradient-norm ratio."""
     x_tr, _, y_tr = data if data is not None else batches(task, s.steps, s.batch, seed)
     x_ev, c_ev, y_ev = eval_data if eval_data is not None else sample(task, s.n_eval, torch.Generator().manual_seed(20_000 + seed))
     base_mse = F.mse_loss(x_ev @ task["W0"].T, y_ev).item()
     model = build(task, s, variant, seed)
+    same_token = VARIANTS[variant].get("same_token", False)
+    contrastive_on = same_token or (variant not in ("base", "lora") and model.proj.config.contrastive_weight > 0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     init = copy.deepcopy(model)  # the routers (and adapters) as drawn: the untrained-router control
-    hist = {"step": [], "mse": [], "top1": [], "nmi": []}
+    hist = {"step": [], "mse": [], "top1": [], "nmi": [], "topk": [], "grad_ratio": []}
     for step in range(s.steps + 1):
         if step % s.eval_every == 0 or step == s.steps:
             with torch.no_grad():
@@ -278,14 +397,20 @@ def train(task, s: Setup, variant: str, seed: int, lr: float, data=None, eval_da
                 e = top1(model, x_ev)
                 hist["top1"].append(e)
                 hist["nmi"].append(nmi(e, c_ev) if e is not None else None)
+                if measures and e is not None:
+                    hist["topk"].append(topk_sets(model, x_ev))
         if step == s.steps or opt is None:
             if opt is None:
                 hist["step"], hist["mse"] = [0, s.steps], hist["mse"] * 2  # the base does not move
             break
         model.train()
-        loss = F.mse_loss(model(x_tr[step]), y_tr[step])
-        if model.proj.config.num_experts > 1:
-            loss = loss + sum(moelora_aux_losses(model).values())
+        task_loss = F.mse_loss(model(x_tr[step]), y_tr[step])
+        aux = moelora_aux_losses(model) if model.proj.config.num_experts > 1 else {}
+        if same_token:
+            aux["contrastive"] = s.contrastive_weight * same_token_contrastive(model.proj, x_tr[step], s.temperature)
+        if measures and contrastive_on and step % s.eval_every == 0 and step > 0:  # (at step 0, B = 0: no gradient)
+            hist["grad_ratio"].append(gradient_norm_ratio(aux["contrastive"], task_loss, params))
+        loss = task_loss + sum(aux.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # train.py's default
@@ -309,6 +434,8 @@ def train(task, s: Setup, variant: str, seed: int, lr: float, data=None, eval_da
             "cl": unweighted_contrastive(model, x_ev[:256], seed),
             "cos": within_cosine(*expert_outputs(model, x_ev[:512])),
         })
+        if measures:
+            out["measures"] = routing_measures(model, init, x_ev, c_ev, y_ev, base_mse, seed, hist)
     return out
 
 
@@ -480,6 +607,295 @@ def plot(res, out_dir: Path, lora_floor=None):
 
 # -----------------------------------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------------------------------
+# the contrastive-loss trial: `python tutorial/controlled.py --trial`. tutorial/experiments.md holds its protocol
+# (written before it ran): the cells, arms, grids, seeds and the decision rules applied in trial_verdicts.
+
+TRIAL_ARMS = {"lora": "lora", "moe_cl0": "moelora_cl0", "moe_frozen": "moelora_cl0_frozen_router",
+              "moe_supcon": "moelora", "moe_sametoken": "moelora_sametoken"}  # trial arm -> VARIANTS entry
+READINGS = {"moe_supcon": "SupCon across tokens (the project's)", "moe_sametoken": "same token (CoMoE's)"}
+TRIAL_GRID = {"lr": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "weight": (0.001, 0.01, 0.1, 1.0), "tau": (0.1, 0.5)}
+QUICK_GRID = {"lr": (1e-2, 3e-2), "weight": (0.01, 0.1), "tau": (0.1,)}
+TUNING_SEEDS, REPORTED_SEEDS = (1001, 1002, 1003), tuple(range(1, 13))
+# two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96 is within 2%)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def paired_difference(a, b):
+    """a, b: one value per seed, paired. (mean of a - b, low, high of its 95% t-interval, verdict): "better" when
+    the interval lies below 0 (a lower, i.e. better for a loss), "worse" above 0, else "no difference"."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    n = len(d)
+    if n < 2:
+        return float(d.mean()), float("nan"), float("nan"), "n/a (one seed)"
+    t = T975[min((k for k in T975 if k >= n - 1), default=30)]
+    half = t * float(d.std()) / math.sqrt(n)
+    mean = float(d.mean())
+    verdict = "better" if mean + half < 0 else "worse" if mean - half > 0 else "no difference"
+    return mean, mean - half, mean + half, verdict
+
+
+def trial_cells(quick: bool):
+    """{cell name: (teacher rank, separation, balance weight)}: the 2 x 2 x 2 factorial, or 2 cells for --quick."""
+    levels = [(1, 3.0, 0.0), (4, 3.0, 0.0)] if quick else \
+        [(rank, sep, bal) for rank in (1, 4) for sep in (2.0, 3.0) for bal in (0.0, 0.01)]
+    return {f"rank{rank}_sep{sep:g}_bal{bal:g}": (rank, sep, bal) for rank, sep, bal in levels}
+
+
+def cell_setup(cell: str, quick: bool) -> Setup:
+    rank, sep, bal = trial_cells(False)[cell]
+    s = Setup(clusters=8, experts=8, r=4, top_k=2, teacher_rank=rank, teacher_aligned=rank == 1, sep=sep,
+              balance_weight=bal)  # rank 1 reads x along its centre: one cluster's outputs point one way
+    return replace(s, steps=40, n_eval=512, eval_every=20) if quick else s
+
+
+def arm_settings(arm: str, grid: dict):
+    """Every (lr, weight, tau) the grid tries for an arm; arms without the contrastive loss tune the lr only."""
+    if arm in READINGS:
+        return [(lr, w, tau) for lr in grid["lr"] for w in grid["weight"] for tau in grid["tau"]]
+    return [(lr, 0.0, 0.1) for lr in grid["lr"]]
+
+
+def run_file(out_dir: Path, cell: str, arm: str, setting, seed: int) -> Path:
+    lr, w, tau = setting
+    return out_dir / cell / f"{arm}_lr{lr:g}_w{w:g}_tau{tau:g}_s{seed}.json"
+
+
+def run_command(cell: str, arm: str, setting, seed: int, quick: bool) -> str:
+    lr, w, tau = setting
+    return (f"python tutorial/controlled.py --trial --cell {cell} --arm {arm} --lr {lr:g} --weight {w:g} --tau {tau:g} "
+            f"--seed {seed}" + (" --quick" if quick else ""))
+
+
+_TASKS = {}  # (cell, seed, quick) -> (task, training batches, held-out set), kept for the runs of one job
+
+
+def trial_run(cell: str, arm: str, setting, seed: int, quick: bool, measures: bool) -> dict:
+    """One run of the trial; a dict that JSON can hold."""
+    lr, w, tau = setting
+    s = replace(cell_setup(cell, quick), contrastive_weight=w, temperature=tau)
+    key = (cell, seed, quick)
+    if key not in _TASKS:
+        _TASKS.clear()
+        task = make_task(s, seed)
+        _TASKS[key] = (task, batches(task, s.steps, s.batch, seed),
+                       sample(task, s.n_eval, torch.Generator().manual_seed(20_000 + seed)))
+    task, data, eval_data = _TASKS[key]
+    r = train(task, s, TRIAL_ARMS[arm], seed, lr, data, eval_data, measures=measures)
+    out = {"cell": cell, "arm": arm, "lr": lr, "weight": w, "tau": tau, "seed": seed, "final": r["final"],
+           "steps": r["hist"]["step"], "mse": r["hist"]["mse"], "grad_ratio": r["hist"]["grad_ratio"]}
+    if "measures" in r:
+        out["measures"] = r["measures"]
+    return out
+
+
+def trial_job(job):
+    """Run the runs of one (cell, seed) that have no result file yet; returns (command, final MSE) per run."""
+    out_dir, cell, seed, runs, quick, measures = job
+    torch.set_num_threads(1)
+    done = []
+    for arm, setting in runs:
+        path = run_file(out_dir, cell, arm, setting, seed)
+        if path.exists():
+            continue
+        result = trial_run(cell, arm, setting, seed, quick, measures)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)  # a stopped trial never leaves half a result: start it again to go on
+        done.append((run_command(cell, arm, setting, seed, quick), result["final"]))
+    return done
+
+
+def run_jobs(jobs, n_workers: int):
+    todo = [j for j in jobs if any(not run_file(j[0], j[1], arm, st, j[2]).exists() for arm, st in j[3])]
+    if not todo:
+        return
+    with multiprocessing.get_context("fork").Pool(n_workers) as pool:
+        for done in pool.imap_unordered(trial_job, todo):
+            for command, final in done:
+                print(f"{command}  # final relative MSE {final:.4f}", flush=True)
+
+
+def load_runs(out_dir: Path, cell: str, arm: str, setting, seeds):
+    return [json.loads(run_file(out_dir, cell, arm, setting, seed).read_text()) for seed in seeds]
+
+
+def tune(out_dir: Path, cells, grid, seeds):
+    """{cell: {arm: {"setting": the best (lr, weight, tau), "tuning": {setting: mean final MSE over seeds}}}}."""
+    picked = {}
+    for cell in cells:
+        picked[cell] = {}
+        for arm in TRIAL_ARMS:
+            scores = {st: sum(r["final"] for r in load_runs(out_dir, cell, arm, st, seeds)) / len(seeds)
+                      for st in arm_settings(arm, grid)}
+            picked[cell][arm] = {"setting": min(scores, key=scores.get), "tuning": scores}
+    return picked
+
+
+def best_weight_and_tau(picked, reading: str, grid):
+    """w* and tau* of a reading, as the protocol defines them: for each weight, its best tuning MSE (over lr and
+    tau) divided by moe_cl0's tuned MSE in the same cell, averaged over the cells; tau* the same way at w*."""
+    def mean_ratio(keep):
+        ratios = [min(v for st, v in p[reading]["tuning"].items() if keep(st)) / min(p["moe_cl0"]["tuning"].values())
+                  for p in picked.values()]
+        return sum(ratios) / len(ratios)
+    by_weight = {w: mean_ratio(lambda st, w=w: st[1] == w) for w in grid["weight"]}
+    w_star = min(by_weight, key=by_weight.get)
+    by_tau = {t: mean_ratio(lambda st, t=t: st[1] == w_star and st[2] == t) for t in grid["tau"]}
+    return w_star, min(by_tau, key=by_tau.get), by_weight, by_tau
+
+
+def trial_verdicts(diffs, cells):
+    """The protocol's decision rules. diffs[(cell, name)] = paired_difference(...); names as in trial_report.
+    Returns {reading: {"H1": ..., "H2": ..., "H3": ...}}, counting the rank-1 cells (where the loss can help)."""
+    rank1 = [c for c in cells if c.startswith("rank1_")]
+    count = lambda name, verdict: sum(diffs[(c, name)][3] == verdict for c in rank1)
+    out = {}
+    for arm in READINGS:
+        verdict = {}
+        for h, name in (("H1", f"{arm} - moe_cl0"), ("H3", f"{arm} - lora")):
+            verdict[h] = ("supported" if count(name, "better") >= 2 else "contradicted" if count(name, "worse") >= 2
+                          else "not supported") + f" (better in {count(name, 'better')}, worse in {count(name, 'worse')}"\
+                                                  f" of {len(rank1)} rank-1 cells)"
+        # H2: a higher NMI and a higher causal relevance are less random routing; "worse" there means higher
+        up_nmi, up_rel = count(f"{arm} - moe_cl0: nmi", "worse"), count(f"{arm} - moe_cl0: relevance", "worse")
+        need = min(2, len(rank1))
+        verdict["H2"] = ("supported" if up_nmi >= need and up_rel >= need else "partly" if up_nmi >= need or
+                         up_rel >= need else "not supported") + \
+            f" (NMI higher in {up_nmi}, causal relevance higher in {up_rel} of {len(rank1)} rank-1 cells)"
+        out[arm] = verdict
+    return out
+
+
+def fmt_diff(d, digits=3):
+    mean, lo, hi, verdict = d
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {verdict}"
+
+
+def trial_report(out_dir: Path, cells, picked, seeds, grid, quick: bool):
+    """The trial's tables as Markdown, and the verdicts."""
+    runs = {(c, arm): load_runs(out_dir, c, arm, picked[c][arm]["setting"], seeds) for c in cells for arm in TRIAL_ARMS}
+    final = lambda c, arm: [r["final"] for r in runs[(c, arm)]]
+    measure = lambda c, arm, key: [r["measures"][key] for r in runs[(c, arm)]]
+    lines = ["### Tuned settings (mean final relative MSE on the tuning seeds)", "",
+             "| cell | " + " | ".join(TRIAL_ARMS) + " |", "| --- |" + " --- |" * len(TRIAL_ARMS)]
+    for c in cells:
+        cells_txt = []
+        for arm in TRIAL_ARMS:
+            (lr, w, tau), score = picked[c][arm]["setting"], min(picked[c][arm]["tuning"].values())
+            cells_txt.append(f"lr {lr:g}" + (f", w {w:g}, tau {tau:g}" if arm in READINGS else "") + f": {score:.3f}")
+        lines.append(f"| {c} | " + " | ".join(cells_txt) + " |")
+    stars = {}
+    for reading in READINGS:
+        w_star, tau_star, by_w, by_tau = best_weight_and_tau(picked, reading, grid)
+        stars[reading] = (w_star, tau_star)
+        lines += ["", f"{reading}: best tuning MSE per weight over moe_cl0's, mean over cells: " +
+                  ", ".join(f"w {w:g}: {v:.3f}" for w, v in by_w.items()) + f"; w* = {w_star:g}; at w*, per tau: " +
+                  ", ".join(f"tau {t:g}: {v:.3f}" for t, v in by_tau.items()) + f"; tau* = {tau_star:g}"]
+    lines += ["", f"### Final relative MSE on the reported seeds {list(seeds)} (mean ± sd; base = 1)", "",
+              "| cell | floor: one rank-32 update | " + " | ".join(TRIAL_ARMS) + " |",
+              "| --- | ---: |" + " ---: |" * len(TRIAL_ARMS)]
+    for c in cells:
+        floor = mean_std([floor_single(make_task(cell_setup(c, quick), seed), 32) for seed in seeds])
+        lines.append(f"| {c} | {floor} | " + " | ".join(mean_std(final(c, arm)) for arm in TRIAL_ARMS) + " |")
+    comparisons = [("moe_supcon", "moe_cl0"), ("moe_sametoken", "moe_cl0"), ("moe_supcon", "lora"),
+                   ("moe_sametoken", "lora"), ("moe_cl0", "lora")]
+    diffs = {}
+    for c in cells:
+        for a, b in comparisons:
+            diffs[(c, f"{a} - {b}")] = paired_difference(final(c, a), final(c, b))
+        for arm in READINGS:
+            for key in ("nmi", "relevance"):
+                diffs[(c, f"{arm} - moe_cl0: {key}")] = paired_difference(measure(c, arm, key), measure(c, "moe_cl0", key))
+    lines += ["", "### Paired differences of the final relative MSE: mean [95% t-interval], verdict (better = lower)", "",
+              "| cell | " + " | ".join(f"{a} - {b}" for a, b in comparisons) + " |", "| --- |" + " --- |" * len(comparisons)]
+    for c in cells:
+        lines.append(f"| {c} | " + " | ".join(fmt_diff(diffs[(c, f'{a} - {b}')]) for a, b in comparisons) + " |")
+    lines += ["", "### Random routing: measures (a)-(e), trained / with the router put back to step 0 (mean over seeds)", "",
+              "(a) held-out MSE rise when the router is swapped for a random one of the same norm; (b) NMI(top-1; "
+              "cluster); (c) top-2 set unchanged between the last two checkpoints; (d) gap between the 2nd and 3rd "
+              "logit, and gate entropy (nats, uniform 2.08); (e) mean linear CKA between experts' outputs; "
+              "|grad contrastive| / |grad task|, mean over checkpoints.", "",
+              "| cell | arm | (a) relevance | (b) NMI | (c) same top-2 | (d) gap | (d) entropy | (e) CKA | grad ratio |",
+              "| --- | --- |" + " ---: |" * 7]
+    avg = lambda v: sum(v) / len(v)
+    for c in cells:
+        for arm in ("moe_cl0", "moe_supcon", "moe_sametoken", "moe_frozen"):
+            pair = lambda key: f"{avg(measure(c, arm, key)):.3f} / {avg(measure(c, arm, key + '_init')):.3f}"
+            ratios = [sum(r["grad_ratio"]) / len(r["grad_ratio"]) for r in runs[(c, arm)] if r["grad_ratio"]]
+            lines.append(f"| {c} | {arm} | {pair('relevance')} | {pair('nmi')} | "
+                         f"{avg(measure(c, arm, 'consistent_ckpt')):.3f} | {pair('gap')} | {pair('entropy')} | "
+                         f"{avg(measure(c, arm, 'cka')):.3f} | " + (f"{avg(ratios):.3g}" if ratios else "") + " |")
+    lines += ["", "### H2: paired differences from moe_cl0 of (b) NMI and (a) causal relevance (higher = less random)", "",
+              "| cell | " + " | ".join(f"{arm}: {key}" for arm in READINGS for key in ("nmi", "relevance")) + " |",
+              "| --- |" + " --- |" * 4]
+    for c in cells:
+        lines.append(f"| {c} | " + " | ".join(fmt_diff(diffs[(c, f'{arm} - moe_cl0: {key}')]).replace("better", "lower")
+                                             .replace("worse", "higher") for arm in READINGS
+                                             for key in ("nmi", "relevance")) + " |")
+    verdicts = trial_verdicts(diffs, cells)
+    lines += ["", "### Verdicts (the protocol's decision rules)", ""]
+    for arm, v in verdicts.items():
+        lines += [f"- {READINGS[arm]}: " + "; ".join(f"{h} {v[h]}" for h in ("H1", "H2", "H3"))]
+    return "\n".join(lines), {"picked": {c: {a: p["setting"] for a, p in v.items()} for c, v in picked.items()},
+                              "stars": stars, "verdicts": verdicts,
+                              "diffs": {f"{c} | {n}": d for (c, n), d in diffs.items()}}
+
+
+def plot_trial(summary, cells, path):
+    """A forest plot: the paired difference from moe_cl0 of each reading, per cell, with its 95% interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(cells) + 1.2))
+    for k, (arm, color) in enumerate((("moe_supcon", "tab:red"), ("moe_sametoken", "tab:purple"))):
+        for i, c in enumerate(cells):
+            mean, lo, hi, _ = summary["diffs"][f"{c} | {arm} - moe_cl0"]
+            y = i + 0.15 * (1 if k else -1)
+            ax.plot([lo, hi], [y, y], color=color, lw=2)
+            ax.plot([mean], [y], "o", color=color, label=READINGS[arm] if i == 0 else None)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(cells)), cells, fontsize=8)
+    ax.set_xlabel("final relative MSE, with the loss minus without (paired, 95% interval); < 0: the loss helps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def trial_main(args):
+    """Tune on the tuning seeds, run the reported seeds at each arm's tuned setting, print the report."""
+    out_dir, quick = Path(args.trial_dir), args.quick
+    cells = list(trial_cells(quick))
+    grid = QUICK_GRID if quick else TRIAL_GRID
+    tuning_seeds = TUNING_SEEDS[:1] if quick else TUNING_SEEDS
+    seeds = REPORTED_SEEDS[:2] if quick else REPORTED_SEEDS
+    if args.cell:  # one run, as its printed command asked
+        setting = (args.lr, args.weight, args.tau)
+        print(json.dumps(trial_run(args.cell, args.arm, setting, args.seed, quick, args.seed in REPORTED_SEEDS)))
+        return None
+    start = time.time()
+    run_jobs([(out_dir, c, seed, [(arm, st) for arm in TRIAL_ARMS for st in arm_settings(arm, grid)], quick, False)
+              for c in cells for seed in tuning_seeds], args.jobs)
+    picked = tune(out_dir, cells, grid, tuning_seeds)
+    run_jobs([(out_dir, c, seed, [(arm, picked[c][arm]["setting"]) for arm in TRIAL_ARMS], quick, True)
+              for c in cells for seed in seeds], args.jobs)
+    text, summary = trial_report(out_dir, cells, picked, seeds, grid, quick)
+    command = "python tutorial/controlled.py --trial" + (" --quick" if quick else "")
+    header = (f"`{command}` (results in {out_dir}; wall time of this call {time.time() - start:.0f} s)\n\nmachine: "
+              f"{cpu_name()}, {args.jobs} job(s) of 1 thread, python {platform.python_version()}, torch {torch.__version__}\n")
+    text = header + "\n" + text
+    print(text)
+    (out_dir / "report.md").write_text(text + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.figure:
+        plot_trial(summary, cells, args.figure)
+    return summary
+
+
 def cpu_name():
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -499,7 +915,20 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 2)")
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the figures go")
     p.add_argument("--no_figures", action="store_true", help="tables only (no matplotlib needed)")
+    trial = p.add_argument_group("the contrastive-loss trial (tutorial/experiments.md)")
+    trial.add_argument("--trial", action="store_true", help="run the trial instead of section 11's experiment")
+    trial.add_argument("--trial_dir", default="out/trial_synthetic", help="one JSON file per run: a rerun skips those")
+    trial.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    trial.add_argument("--figure", default=None, help="the trial's forest plot into this PNG (needs matplotlib)")
+    trial.add_argument("--cell", default=None, help="with --arm, --lr, --weight, --tau, --seed: one run of the trial")
+    trial.add_argument("--arm", choices=list(TRIAL_ARMS), default="moe_supcon")
+    trial.add_argument("--lr", type=float, default=1e-2)
+    trial.add_argument("--weight", type=float, default=0.0)
+    trial.add_argument("--tau", type=float, default=0.1)
+    trial.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.trial:
+        return trial_main(args)
     start = time.time()
     s = Setup(steps=60, n_eval=512, eval_every=20) if args.quick else Setup()
     seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
