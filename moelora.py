@@ -58,8 +58,10 @@ Choices made here (the paper does not pin them down):
   output z = B_i A_i dropout(x_t), before gating. Positives of an anchor are the same expert's outputs on
   other tokens, all other samples are in the denominator; anchors without a positive are skipped:
       L_cl = - mean_a 1/|P(a)| sum_{p in P(a)} log( exp(cos(z_a,z_p)/tau) / sum_{n != a} exp(cos(z_a,z_n)/tau) )
-  The cosine floors |z| at COSINE_NORM_FLOOR: B starts at zero, and a plain cosine of tiny z has huge
-  gradients (the comment at COSINE_NORM_FLOOR tells the measurements).
+  This is the structure of the one published description we have (He et al., "A Unified Study of LoRA Variants",
+  eq. 127: InfoNCE, outputs of the same expert positive, of different experts negative); several positives per
+  anchor, the sampling and the floored cosine are ours. The cosine floors |z| at COSINE_NORM_FLOOR: B starts at
+  zero, and a plain cosine of tiny z has huge gradients (the comment at COSINE_NORM_FLOOR tells the measurements).
 - balance loss (Switch Transformer): L_bal = N * sum_i f_i P_i, f_i = share of the (token, slot)
   assignments that went to expert i, P_i = mean router probability of expert i. It is 1 when balanced.
 - both are multiplied by their weights and averaged over the adapted layers, so a weight means the same
