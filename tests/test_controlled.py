@@ -183,7 +183,10 @@ def test_routing_measure_helpers():
 def test_trial_quick_runs_resumes_and_decides(tmp_path, capsys):
     summary = controlled.main(["--trial", "--quick", "--trial_dir", str(tmp_path), "--jobs", "2"])
     out = capsys.readouterr().out
-    assert out.count("python tutorial/controlled.py --trial --cell") == 2 * (3 * 2 + 2 * 4) + 2 * 2 * 5  # every run's command
+    extra = sum(arms["moe_supcon"] != controlled.old_default({c: {"moe_cl0": {"setting": arms["moe_cl0"]}}}, c)
+                for c, arms in summary["picked"].items())  # the exploratory runs at the old default weight 0.1
+    # every run prints its command: per cell 14 tuning runs (1 seed) and 5 arms x 2 reported seeds
+    assert out.count("python tutorial/controlled.py --trial --cell") == 2 * (3 * 2 + 2 * 4) + 2 * 2 * 5 + 2 * extra
     assert set(summary["verdicts"]) == {"moe_supcon", "moe_sametoken"}
     for verdict in summary["verdicts"].values():
         assert all(v.split(" (")[0] in ("supported", "partly", "not supported", "contradicted") for v in verdict.values())

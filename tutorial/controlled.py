@@ -372,7 +372,17 @@ def routing_measures(model, init, x_ev, c_ev, y_ev, base_mse: float, seed: int, 
     last, before = hist["topk"][-1], hist["topk"][-2]
     out["consistent_ckpt"] = float((last == before).all(dim=-1).double().mean())  # (c)
     out["cka"] = mean_expert_cka(all_expert_outputs(model.proj, x_ev[:1024]))  # (e)
+    out["clusters_per_expert"] = clusters_per_expert(last, c_ev, model.proj.config.num_experts)  # (added after the runs)
     return out
+
+
+def clusters_per_expert(topk, clusters, num_experts: int, share: float = 0.1):
+    """Mean over experts of how many clusters make up at least `share` of the inputs that select the expert (in
+    any of its k slots): 1 when every expert serves one cluster. topk [n, k], clusters [n]."""
+    counts = [torch.bincount(clusters[(topk == e).any(-1)], minlength=int(clusters.max()) + 1).double()
+              for e in range(num_experts)]
+    used = [int((c / c.sum() >= share).sum()) for c in counts if c.sum() > 0]
+    return sum(used) / len(used)
 
 
 def train(task, s: Setup, variant: str, seed: int, lr: float, data=None, eval_data=None, measures=False):
@@ -795,6 +805,15 @@ def trial_report(out_dir: Path, cells, picked, seeds, grid, quick: bool):
         lines += ["", f"{reading}: best tuning MSE per weight over moe_cl0's, mean over cells: " +
                   ", ".join(f"w {w:g}: {v:.3f}" for w, v in by_w.items()) + f"; w* = {w_star:g}; at w*, per tau: " +
                   ", ".join(f"tau {t:g}: {v:.3f}" for t, v in by_tau.items()) + f"; tau* = {tau_star:g}"]
+    lines += ["", "Each weight at its best lr and tau, as a share of moe_cl0's tuned MSE (tuning seeds; < 1: the loss "
+              "helped there)", "", "| cell | " + " | ".join(f"{READINGS[a].split(' (')[0]}, w {w:g}" for a in READINGS
+                                                          for w in grid["weight"]) + " |",
+              "| --- |" + " ---: |" * (len(READINGS) * len(grid["weight"]))]
+    for c in cells:
+        cl0 = min(picked[c]["moe_cl0"]["tuning"].values())
+        lines.append(f"| {c} | " + " | ".join(
+            f"{min(v for st, v in picked[c][a]['tuning'].items() if st[1] == w) / cl0:.3f}"
+            for a in READINGS for w in grid["weight"]) + " |")
     lines += ["", f"### Final relative MSE on the reported seeds {list(seeds)} (mean ± sd; base = 1)", "",
               "| cell | floor: one rank-32 update | " + " | ".join(TRIAL_ARMS) + " |",
               "| --- | ---: |" + " ---: |" * len(TRIAL_ARMS)]
@@ -837,6 +856,20 @@ def trial_report(out_dir: Path, cells, picked, seeds, grid, quick: bool):
                                              .replace("worse", "higher") for arm in READINGS
                                              for key in ("nmi", "relevance")) + " |")
     verdicts = trial_verdicts(diffs, cells)
+    lines += ["", "### Exploratory (not in the protocol): the defaults before the trial, weight 0.1 and tau 0.1, "
+              "at moe_cl0's tuned lr", "",
+              "Clusters per expert: how many clusters make up at least 10% of the inputs that select an expert "
+              "(mean over experts; 1 = one cluster each).", "",
+              "| cell | MSE: w 0.1 - moe_cl0 | NMI: w 0.1 - moe_cl0 | clusters per expert, moe_cl0 / w 0.1 | "
+              "(e) CKA, moe_cl0 / w 0.1 |", "| --- | --- | --- | ---: | ---: |"]
+    for c in cells:
+        old = load_runs(out_dir, c, "moe_supcon", old_default(picked, c), seeds)
+        per = lambda rs, key: avg([r["measures"][key] for r in rs])
+        nmi_diff = fmt_diff(paired_difference([r["measures"]["nmi"] for r in old], measure(c, "moe_cl0", "nmi")))
+        lines.append(f"| {c} | {fmt_diff(paired_difference([r['final'] for r in old], final(c, 'moe_cl0')))} | "
+                     + nmi_diff.replace("better", "lower").replace("worse", "higher") + " | "
+                     f"{per(runs[(c, 'moe_cl0')], 'clusters_per_expert'):.2f} / {per(old, 'clusters_per_expert'):.2f} | "
+                     f"{per(runs[(c, 'moe_cl0')], 'cka'):.3f} / {per(old, 'cka'):.3f} |")
     lines += ["", "### Verdicts (the protocol's decision rules)", ""]
     for arm, v in verdicts.items():
         lines += [f"- {READINGS[arm]}: " + "; ".join(f"{h} {v[h]}" for h in ("H1", "H2", "H3"))]
@@ -859,11 +892,17 @@ def plot_trial(summary, cells, path):
             ax.plot([mean], [y], "o", color=color, label=READINGS[arm] if i == 0 else None)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(cells)), cells, fontsize=8)
-    ax.set_xlabel("final relative MSE, with the loss minus without (paired, 95% interval); < 0: the loss helps")
+    ax.set_xlabel("final relative MSE: with the loss minus without\n(paired over seeds, 95% interval; < 0: the loss helps)")
+    ax.set_title("the contrastive loss at its tuned weight, per cell of the synthetic trial", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def old_default(picked, cell):
+    """The project's reading at the weight and temperature that were the defaults before the trial, at moe_cl0's lr."""
+    return (picked[cell]["moe_cl0"]["setting"][0], 0.1, 0.1)
 
 
 def trial_main(args):
@@ -883,6 +922,10 @@ def trial_main(args):
     picked = tune(out_dir, cells, grid, tuning_seeds)
     run_jobs([(out_dir, c, seed, [(arm, picked[c][arm]["setting"]) for arm in TRIAL_ARMS], quick, True)
               for c in cells for seed in seeds], args.jobs)
+    # exploratory, added after the protocol's runs: the default weight before the trial (0.1, tau 0.1), at
+    # moe_cl0's tuned lr, on the reported seeds: what it did, and why
+    run_jobs([(out_dir, c, seed, [("moe_supcon", old_default(picked, c))], quick, True) for c in cells for seed in seeds],
+             args.jobs)
     text, summary = trial_report(out_dir, cells, picked, seeds, grid, quick)
     command = "python tutorial/controlled.py --trial" + (" --quick" if quick else "")
     header = (f"`{command}` (results in {out_dir}; wall time of this call {time.time() - start:.0f} s)\n\nmachine: "
