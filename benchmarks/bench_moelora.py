@@ -114,7 +114,7 @@ def bench_layers(dim, tokens, rounds):
     """One adapted 512 -> 512 layer alone, forward + backward (input gradient included, as inside a model),
     aux losses added to the loss: short calls, many rounds, so much less noisy than whole steps."""
     base = nn.Linear(dim, dim, bias=False)
-    moe = MoELoRAConfig()
+    moe = MoELoRAConfig(contrastive_weight=0.1)  # the contrastive loss on (its cost does not depend on the weight)
     no_aux = MoELoRAConfig(contrastive_weight=0.0, balance_weight=0.0)
     layers = {"lora-r32": LoRALinear(copy.deepcopy(base), r=32, alpha=64, dropout=moe.lora_dropout),
               "moelora": MoELoRALinear(copy.deepcopy(base), moe),

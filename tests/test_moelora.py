@@ -41,7 +41,8 @@ class TinyNet(nn.Module):
 
 
 def small_config(**kw):
-    kw = {"num_experts": 4, "top_k": 2, "r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "contrastive_samples": 32, **kw}
+    kw = {"num_experts": 4, "top_k": 2, "r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "contrastive_samples": 32,
+          "contrastive_weight": 0.1, **kw}  # the contrastive loss on, whatever the default: these tests exercise it
     return MoELoRAConfig(**kw)
 
 
@@ -362,7 +363,7 @@ def test_llama_from_model_py():
     model = model_py.Transformer(args)
     tokens = torch.randint(0, 64, (2, 12))
     logits_before, _ = model(tokens)
-    inject_moelora(model, MoELoRAConfig(contrastive_samples=32))
+    inject_moelora(model, MoELoRAConfig(contrastive_samples=32, contrastive_weight=0.1))
     mark_only_moelora_as_trainable(model)
     assert {n for n, _ in moelora.moelora_layers(model)} == {f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wv")}
     logits, loss = model(tokens, tokens)

@@ -16,7 +16,7 @@ MODES = ["train", "eval", "eval+no_grad", "train+no_grad"]
 
 def config(targets, **kw):
     return MoELoRAConfig(**{"num_experts": 4, "top_k": 2, "r": 2, "lora_dropout": 0.0, "contrastive_samples": 32,
-                            "target_modules": targets, **kw})
+                            "contrastive_weight": 0.1, "target_modules": targets, **kw})
 
 
 def adapted(module, targets):

@@ -25,7 +25,7 @@ def small_run(out_dir, *extra, model="stories260K-hf"):
     return ["--task", "gsm8k", "--model", str(shared_path(f"models/{model}")), "--data_dir", str(shared_path("data")),
             "--out_dir", str(out_dir), "--max_steps", "4", "--batch_size", "4", "--micro_batch_size", "2",
             "--max_seq_len", "320", "--eval_limit", "6", "--max_new_tokens", "12", "--eval_batch_size", "4",
-            "--log_interval", "1", "--num_experts", "4", "--contrastive_samples", "64", *extra]
+            "--log_interval", "1", "--num_experts", "4", "--contrastive_weight", "0.1", "--contrastive_samples", "64", *extra]
 
 
 def run_script(args, env_extra=None, module=None):
@@ -209,7 +209,7 @@ def family_run(out_dir, task, *extra, model="stories260K-hf"):
     argv = ["--task", task, "--data_dir", str(shared_path("data")), "--out_dir", str(out_dir), "--max_steps", "2",
             "--batch_size", "4", "--micro_batch_size", "4", "--max_seq_len", "256", "--eval_limit", "3",
             "--max_new_tokens", "4", "--eval_batch_size", "4", "--log_interval", "1", "--num_experts", "4",
-            "--contrastive_samples", "64", *extra]
+            "--contrastive_weight", "0.1", "--contrastive_samples", "64", *extra]
     return argv + (["--model", str(shared_path(f"models/{model}"))] if model else ["--pretrain_steps", "2"])
 
 

@@ -15,7 +15,7 @@ cluster fit them exactly. Both limits are computed in closed form (floor_single,
 
 Contenders, on the same batches and the same initialisation seed (one seed = one teacher, one data stream,
 one init): the base alone; LoRA of rank N*r (MoELoRALinear with one expert, as train.py --method lora);
-MoELoRA N x r top-k with the project's defaults (contrastive 0.1, balance 0.01); the same without the
+MoELoRA N x r top-k with the defaults of section 11's time (contrastive 0.1, balance 0.01); the same without the
 contrastive loss; that one again with its routers frozen as drawn (the untrained-router control); and the
 default MoELoRA for three times the steps (is it only slower?).
 Trainable parameters: LoRA N*r*(2d); MoELoRA the same plus its router, N*d (counted and printed separately).
@@ -59,7 +59,7 @@ class Setup:
     experts: int = 4  # N
     r: int = 4  # rank per expert; LoRA gets N * r
     top_k: int = 2  # the project's default
-    contrastive_weight: float = 0.1  # the project's default
+    contrastive_weight: float = 0.1  # section 11's runs: the project's default then (it is 0 since the trial)
     temperature: float = 0.1  # of the contrastive loss, either reading
     balance_weight: float = 0.01  # the project's default
     steps: int = 300

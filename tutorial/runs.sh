@@ -19,6 +19,6 @@ TINY=(--model "$(ls -d "$OUT"/default/tiny_base_gsm8k_*)" --log_interval 5)
 python train.py --task gsm8k "${TINY[@]}" --eval_only --out_dir "$OUT/base"
 for seed in 1 2 3; do
   python train.py --task gsm8k "${TINY[@]}" --seed $seed --method lora --r 32 --out_dir "$OUT/lora_s$seed"
-  python train.py --task gsm8k "${TINY[@]}" --seed $seed --method moelora --out_dir "$OUT/moelora_s$seed"
+  python train.py --task gsm8k "${TINY[@]}" --seed $seed --method moelora --contrastive_weight 0.1 --out_dir "$OUT/moelora_s$seed"
   python train.py --task gsm8k "${TINY[@]}" --seed $seed --method moelora --contrastive_weight 0 --out_dir "$OUT/moelora_cl0_s$seed"
 done

@@ -19,7 +19,7 @@ adapters' initialisation, dropout and the contrastive samples):
   lora            --method lora --r 32
   lora_r8         --method lora --r 8: a control with a quarter of the parameters, the rank each token gets
                   from MoELoRA (2 experts of rank 4); MoELoRA between the two LoRAs says how much its routing buys
-  moelora         MoELoRA 8 x rank 4, top-2, contrastive weight 0.1, balance 0.01 (the project's defaults)
+  moelora         MoELoRA 8 x rank 4, top-2, contrastive weight 0.1, balance 0.01 (the defaults of section 12's time)
   moelora_cl0     the same, contrastive weight 0
   moelora_cl001   the same, contrastive weight 0.01 (section 6: its gradient can outweigh the LM's early on)
   moelora_warm    the same, contrastive weight 0.1 reached linearly over the first half (--contrastive_warmup)
@@ -52,10 +52,10 @@ SHARED = Path(os.environ.get("MOELORA_SHARED", ROOT.parent / "shared"))
 CONTENDERS = {
     "lora": ["--method", "lora", "--r", "32"],
     "lora_r8": ["--method", "lora", "--r", "8"],  # a control: the rank a token gets from its top-2 of rank-4 experts
-    "moelora": [],
+    "moelora": ["--contrastive_weight", "0.1"],  # the defaults before the contrastive-loss trial
     "moelora_cl0": ["--contrastive_weight", "0"],
     "moelora_cl001": ["--contrastive_weight", "0.01"],
-    "moelora_warm": ["--contrastive_warmup", "75"],  # half of the 150 steps
+    "moelora_warm": ["--contrastive_weight", "0.1", "--contrastive_warmup", "75"],  # half of the 150 steps
     # probes, run only when named in --contenders: is the gap between LoRA and MoELoRA a matter of learning rate?
     "lora_lr1e-2": ["--method", "lora", "--r", "32", "--lr", "1e-2"],
     "moelora_cl0_lr1e-2": ["--contrastive_weight", "0", "--lr", "1e-2"],
