@@ -32,14 +32,15 @@ Public API
     mark_only_moelora_as_trainable(model)
     moelora_token_mask(model, mask)   context manager: losses and statistics over real tokens only (padding out)
     moelora_aux_losses(model)      {"contrastive": tensor, "balance": tensor} of the last forward,
-                                   already weighted; add them to the language-model loss
+                                   already weighted; add them to the language-model loss. Forms every
+                                   layer's losses at once from what each layer's forward kept (LossInputs)
     moelora_routing_stats(model)   {layer name: {"expert_share": [N floats], "router_entropy": float, "tokens": int}}
     save_moelora(model, path) / load_moelora(model, path)   adapters + routers + config as .safetensors (no pickle)
     moelora_state_dict(model)      adapter + router weights and a "moelora_config" dict (megabytes)
     load_moelora_state_dict(model, state_dict)   strict: keys, shapes and config must match
     merge_moelora(model) / unmerge_moelora(model)
     helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), read_moelora_file(path),
-             expert_share, balance_loss, contrastive_loss
+             expert_share, balance_loss, contrastive_loss, contrastive_dots, experts_gram
 
 Typical use:
     model = Transformer(args)                          # load the base checkpoint before or after:
@@ -67,6 +68,10 @@ Choices made here (the paper does not pin them down):
 - both are multiplied by their weights and averaged over the adapted layers, so a weight means the same
   whatever the number of layers. They are not computed at all in eval mode, with a weight of 0, or with
   a single expert (where they are constants). Under moelora_token_mask both count real tokens only.
+- computed once per step, not once per layer: a layer's forward keeps its router logits and the codes of the
+  sampled pairs, and moelora_aux_losses stacks the layers and forms all their losses in a few batched kernels.
+  The contrastive pairs' positions are drawn once per forward, for every layer. On a GPU each small kernel is a
+  launch: per layer, the contrastive loss took 136 operations, batched it takes 9 (benchmarks/bench_ops.py).
 
 The balance loss next to the peers' (read in their code: transformers 5.23 models/mixtral, MixLoRA in
 TUDB-Labs/MoE-PEFT, GCYZSL/MoLA). All are N * sum_i f_i P_i with a softmax over all N experts, but:
@@ -90,6 +95,7 @@ import os
 import struct
 import warnings
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -144,60 +150,118 @@ class MoELoRAConfig:
                 raise ValueError(f"MoELoRAConfig: {msg}")
 
 
+# The loss helpers below take a leading batch of layers: moelora_aux_losses stacks every adapted layer's inputs and
+# computes all their losses in one go, a handful of kernels per step instead of dozens per layer.
+
 def token_mean(values, real=None):
-    """values [M, ...] -> their mean over the M tokens, or over the real ones only when real [M] (bool) is given.
-    Multiplies by the mask instead of indexing with it: a boolean index has a data-dependent size, which makes
-    torch.compile split the graph."""
+    """values [..., M, C] -> their mean over the M tokens [..., C], over the real ones only when real ([M] or
+    [..., M], bool) is given. Multiplies by the mask instead of indexing with it: a boolean index has a
+    data-dependent size, which makes torch.compile split the graph."""
     if real is None:
-        return values.mean(dim=0)
-    weight = real.to(values.dtype).view(-1, *[1] * (values.dim() - 1))  # [M, 1, ...]
-    return (values * weight).sum(dim=0) / weight.sum().clamp(min=1)
+        return values.mean(dim=-2)
+    weight = real.to(values.dtype).unsqueeze(-1)  # [..., M, 1]
+    return (values * weight).sum(dim=-2) / weight.sum(dim=-2).clamp(min=1)
 
 
 def expert_share(top_idx, num_experts: int, real=None):
-    """top_idx [M, k] selected experts -> [N] share of the (token, slot) assignments each expert got, counting
-    the real tokens only when real [M] is given. one_hot rather than bincount, whose data-dependent output size
-    makes torch.compile split the graph."""
-    chosen = F.one_hot(top_idx, num_experts).float().sum(dim=1)  # [M, N] 1 where a token chose the expert
-    return token_mean(chosen, real) / top_idx.shape[1]
+    """top_idx [..., M, k] selected experts -> [..., N] share of the (token, slot) assignments each expert got,
+    counting the real tokens only when real is given. A comparison with arange rather than one_hot, which checks
+    its input's range on the host (a sync), or bincount, whose output size depends on the data."""
+    experts = torch.arange(num_experts, device=top_idx.device)
+    chosen = (top_idx.unsqueeze(-1) == experts).sum(dim=-2)  # [..., M, N] 1 where a token chose the expert
+    return token_mean(chosen.float(), real) / top_idx.shape[-1]
 
 
 def balance_loss(logits, top_idx, num_experts: int, real=None):
-    """Switch Transformer load balancing. logits [M, N] router scores, top_idx [M, k] selected experts,
-    real [M] (optional) True for the tokens that count. Balanced: 1. How it compares with Mixtral's, MixLoRA's
-    and MoLA's numbers: see "The balance loss next to the peers'" above."""
-    probs = logits.float().softmax(dim=-1)  # [M, N]
-    f = expert_share(top_idx, num_experts, real)  # [N], no gradient
-    P = token_mean(probs, real)  # [N], the differentiable half
-    return num_experts * (f * P).sum()
+    """Switch Transformer load balancing. logits [..., M, N] router scores, top_idx [..., M, k] selected experts,
+    real [M] or [..., M] (optional) True for the tokens that count. Returns [...]; balanced: 1. How it compares
+    with Mixtral's, MixLoRA's and MoLA's numbers: see "The balance loss next to the peers'" above."""
+    probs = logits.float().softmax(dim=-1)  # [..., M, N]
+    f = expert_share(top_idx, num_experts, real)  # [..., N], no gradient
+    P = token_mean(probs, real)  # [..., N], the differentiable half
+    return num_experts * (f * P).sum(dim=-1)
 
 
 def contrastive_loss(dots, labels, temperature: float, norm_floor: float, real=None):
-    """Supervised contrastive loss from dot products. dots [S, S] = z @ z.T of the features z [S, d],
-    labels [S] the expert index of each feature, real [S] (optional) False for features of padding, which are
-    then neither anchors, positives nor negatives. Taking dots rather than z lets the caller form them cheaply."""
-    S = dots.shape[0]
+    """Supervised contrastive loss from dot products. dots [..., S, S] = z @ z.T of the features z [..., S, d],
+    labels [..., S] the expert index of each feature, real [..., S] (optional) False for features of padding,
+    which are then neither anchors, positives nor negatives. Returns [...]. Taking dots rather than z lets the
+    caller form them cheaply."""
+    S = dots.shape[-1]
     if S < 2:  # a lone feature has neither positives nor negatives (a shape test: compiles without a break)
-        return dots.sum() * 0.0
+        return dots.sum(dim=(-2, -1)) * 0.0
     self_mask = torch.eye(S, dtype=torch.bool, device=dots.device)
-    pos = (labels[:, None] == labels[None, :]) & ~self_mask  # [S, S] same expert, another token
+    pos = (labels.unsqueeze(-1) == labels.unsqueeze(-2)) & ~self_mask  # [..., S, S] same expert, another token
     if real is not None:
-        pos = pos & real[:, None] & real[None, :]
-    has_pos = pos.any(dim=1)  # [S] anchors with a positive; the loss is 0 when there are none
+        pos = pos & real.unsqueeze(-1) & real.unsqueeze(-2)
+    has_pos = pos.any(dim=-1)  # [..., S] anchors with a positive; the loss is 0 when there are none
     # cos = z_a.z_b / (max(|z_a|, f) max(|z_b|, f)), see COSINE_NORM_FLOOR; clamping |z|^2 before the square
     # root also keeps the gradient finite when z = 0 (B at its initial zeros)
     dots = dots.float()
-    norms = dots.diagonal().clamp(min=norm_floor ** 2).sqrt()  # [S] max(|z|, f)
-    sim = dots / (norms[:, None] * norms[None, :] * temperature)  # [S, S] cos / tau
+    norms = dots.diagonal(dim1=-2, dim2=-1).clamp(min=norm_floor ** 2).sqrt()  # [..., S] max(|z|, f)
+    sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2) * temperature)  # [..., S, S] cos / tau
     # -log(exp(sim_ap) / sum_{n != a} exp(sim_an)) = lse_a - sim_ap, averaged over the positives p of a
     if real is not None:  # padding is no negative: the lowest finite value rather than -inf, so that a row with
         # no real column stays finite (its anchor has no positive and is multiplied by 0 below)
-        sim = sim.masked_fill(~real[None, :], torch.finfo(sim.dtype).min)
-    lse = sim.masked_fill(self_mask, float("-inf")).logsumexp(dim=1)  # [S], an anchor is not its own negative
-    mean_pos_sim = (sim * pos).sum(dim=1) / pos.sum(dim=1).clamp(min=1)  # [S]
+        sim = sim.masked_fill(~real.unsqueeze(-2), torch.finfo(sim.dtype).min)
+    lse = sim.masked_fill(self_mask, float("-inf")).logsumexp(dim=-1)  # [..., S], an anchor is not its own negative
+    mean_pos_sim = (sim * pos).sum(dim=-1) / pos.sum(dim=-1).clamp(min=1)  # [..., S]
     # the mean over anchors that have a positive, written without a branch or boolean indexing: both depend on
     # the data and would split a torch.compile graph
-    return ((lse - mean_pos_sim) * has_pos).sum() / has_pos.sum().clamp(min=1)
+    return ((lse - mean_pos_sim) * has_pos).sum(dim=-1) / has_pos.sum(dim=-1).clamp(min=1)
+
+
+def experts_gram(lora_B):
+    """lora_B [..., N, out, r] -> [..., N*r, N*r] = B_all^T B_all, B_all [out, N*r] the experts' B side by side."""
+    B_all = lora_B.transpose(-3, -2).flatten(-2)  # [..., out, N*r]
+    return B_all.transpose(-2, -1) @ B_all
+
+
+def contrastive_dots(codes, labels, gram, num_experts: int):
+    """z_a . z_b for sampled pairs, without forming z = B_e A_e x. codes [..., S, N*r] every expert's code of each
+    sample's token, labels [..., S] the sample's expert, gram [..., N*r, N*r] from experts_gram. Keeping only the
+    chosen expert's rank block of the codes, z_a . z_b = codes_a (B_all^T B_all) codes_b^T through the small Gram
+    matrix: S*S*N*r multiply-adds instead of S*S*out (found by profiling), whatever the layer's width."""
+    N = num_experts
+    own = (labels.unsqueeze(-1) == torch.arange(N, device=labels.device)).to(codes.dtype)  # [..., S, N] one-hot
+    codes = (codes.unflatten(-1, (N, -1)) * own.unsqueeze(-1)).flatten(-2)  # [..., S, N*r] the chosen block only
+    return codes @ gram @ codes.transpose(-2, -1)  # [..., S, S] = z @ z.T
+
+
+
+def draw_pairs(M: int, k: int, S: int, real, device):
+    """S distinct (token, slot) pairs out of M*k, uniformly; under a token mask (real [M]) padding only when there
+    are fewer than S real pairs. Returns (pick [S] indices into the M*k pairs, their tokens [S], whether those are
+    real [S] or None)."""
+    if S == M * k:  # all pairs (a whole random permutation used as an index crashed torch 2.13's inductor)
+        pick = torch.arange(M * k, device=device)
+    else:
+        # a random key per pair and the S smallest keys; padding's keys are raised above every real one. A fixed
+        # S keeps shapes static: no graph break
+        keys = torch.rand(M, k, device=device)  # [M, k]
+        if real is not None:
+            keys = keys + 2.0 * ~real[:, None]  # real in [0, 1), padding in [2, 3)
+        pick = keys.flatten().topk(S, largest=False).indices
+    token = pick // k
+    return pick, token, None if real is None else real[token]
+
+
+class SampledPairs:
+    """The contrastive loss's pairs of the current forward, shared by the adapted layers of a model: what
+    draw_pairs returned and the (M, k, S) it was drawn for. None until the first layer of a forward draws."""
+
+    def __init__(self):
+        self.drawn, self.key = None, None
+
+
+class LossInputs(NamedTuple):
+    """What one adapted layer's training forward keeps for moelora_aux_losses."""
+    logits: torch.Tensor  # [M, N] router scores, with gradient: the balance loss
+    top_idx: torch.Tensor  # [M, k] selected experts
+    real: Optional[torch.Tensor]  # [M] bool, True for real tokens; None = all
+    codes: Optional[torch.Tensor]  # [S, N*r] every expert's code of the sampled pairs' tokens, with gradient
+    labels: Optional[torch.Tensor]  # [S] each sampled pair's expert
+    codes_real: Optional[torch.Tensor]  # [S] bool, whether each sampled pair's token is real; None = all
 
 
 def in_backward_pass() -> bool:
@@ -242,7 +306,10 @@ class MoELoRALinear(nn.Module):
         self.dropout = nn.Dropout(config.lora_dropout)
         self.merged = False
         self.token_mask = None  # [leading dims of x] bool, True for real tokens: set by moelora_token_mask
-        self.aux_contrastive = self.aux_balance = None  # weighted losses of the last forward (training only)
+        self.loss_inputs = None  # what the last training forward keeps for moelora_aux_losses (LossInputs)
+        # the contrastive loss's (token, slot) pairs: drawn once per forward for all the adapted layers of a model
+        # (inject_moelora gives them one SampledPairs); this layer's pairs, and whether it drew them
+        self.pairs, self.last_pairs, self.drew_pairs = SampledPairs(), None, False
         # the last forward's routing (detached) and which of its M tokens were real, for statistics
         self.last_logits = self.last_top_idx = self.last_real = None
         self.has_run = False  # set by the first forward: moelora_aux_losses warns about layers a model bypasses
@@ -277,11 +344,11 @@ class MoELoRALinear(nn.Module):
     def forward(self, x):
         result = F.linear(x, self.weight, self.bias)
         # Under activation checkpointing this forward runs a second time inside backward. That rerun must redo the
-        # losses' operations (it has to save for backward what the first run saved) but must not keep them: held
-        # here, each rerun layer's loss graph and the tensors it saved would stay alive until the next step.
+        # operations whose outputs the losses use (it has to save for backward what the first run saved) but must
+        # not keep them: held here, each rerun layer's graph would stay alive until the next step.
         rerun = in_backward_pass()
         if not rerun:
-            self.aux_contrastive = self.aux_balance = None
+            self.loss_inputs = None
         self.has_run = True
         if self.merged:
             return result
@@ -299,44 +366,45 @@ class MoELoRALinear(nn.Module):
         h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
         delta = F.linear(h_gated, self.experts_B())  # [M, out]
         self.last_logits, self.last_top_idx, self.last_real = logits.detach(), top_idx, real
-        if self.training:
-            balance = contrastive = None
-            if cfg.balance_weight > 0:
-                balance = cfg.balance_weight * balance_loss(logits, top_idx, N, real)
+        if self.training and (cfg.balance_weight > 0 or cfg.contrastive_weight > 0):
+            # The losses themselves are formed by moelora_aux_losses for all layers at once; a layer keeps only its
+            # inputs: a few small kernels here instead of a hundred (benchmarks/bench_ops.py counts them)
+            codes = labels = codes_real = None
             if cfg.contrastive_weight > 0:
-                contrastive = cfg.contrastive_weight * self.sampled_contrastive_loss(h, top_idx, real)
+                pick, token, codes_real = self.contrastive_pairs(h.shape[0], cfg.top_k, real, rerun)  # [S] each
+                codes, labels = h[token], top_idx.reshape(-1)[pick]  # [S, N*r] every expert's code; [S] the expert
             if not rerun:
-                self.aux_balance, self.aux_contrastive = balance, contrastive
+                self.loss_inputs = LossInputs(logits, top_idx, real, codes, labels, codes_real)
         delta = (self.scaling * delta).view(*x.shape[:-1], self.out_features)
         return result + delta.to(result.dtype)
 
+    def contrastive_pairs(self, M: int, k: int, real, rerun: bool):
+        """The (token, slot) pairs of this forward that the contrastive loss samples, as draw_pairs returns them.
+        Every adapted layer of a model sees the same tokens, so the first one of a forward draws and the others take
+        its draw (self.pairs is shared; moelora_aux_losses and moelora_token_mask start a new one)."""
+        S = min(self.config.contrastive_samples, M * k)
+        if rerun:
+            # checkpointing repeats this forward in backward: the pairs of the forward it repeats. The layer that drew
+            # them draws again, from the RNG state that checkpointing restored: the same pairs, and the same random
+            # numbers used up, so that the dropout after it gets the masks it had
+            if self.drew_pairs:
+                draw_pairs(M, k, S, real, self.lora_A.device)
+            return self.last_pairs
+        shared = self.pairs
+        self.drew_pairs = shared.drawn is None or shared.key != (M, k, S)
+        if self.drew_pairs:
+            shared.drawn, shared.key = draw_pairs(M, k, S, real, self.lora_A.device), (M, k, S)
+        self.last_pairs = shared.drawn
+        return shared.drawn
+
     def sampled_contrastive_loss(self, h, top_idx, real=None):
-        """h [M, N*r] expert codes A_i x (before gating), top_idx [M, k], real [M] (optional) True for the tokens
-        that count: the contrastive loss on sampled (token, selected expert) pairs."""
-        cfg, N, r = self.config, self.config.num_experts, self.config.r
+        """This layer's contrastive loss (unweighted) on codes h [M, N*r] (every expert's A_i x, before gating),
+        top_idx [M, k] and real [M] (optional), on pairs drawn here: what moelora_aux_losses forms, for analysis."""
         M, k = top_idx.shape
-        S = min(cfg.contrastive_samples, M * k)
-        if S == M * k:  # all pairs (a whole random permutation used as an index crashed torch 2.13's inductor)
-            pick = torch.arange(M * k, device=h.device)
-        else:
-            # S distinct pairs, uniformly: a random key per pair and the S smallest keys. Under a token mask the
-            # keys of padding are raised above every real one, so padding is drawn only if there are fewer real
-            # pairs than S (contrastive_loss then leaves it out). A fixed S keeps shapes static: no graph break
-            keys = torch.rand(M, k, device=h.device)  # [M, k]
-            if real is not None:
-                keys = keys + 2.0 * ~real[:, None]  # real in [0, 1), padding in [2, 3)
-            pick = keys.flatten().topk(S, largest=False).indices
-        token, expert = pick // k, top_idx.reshape(-1)[pick]  # [S], [S]
-        # z = B_e A_e x_t for the sampled pairs: keep the chosen expert's rank block of the code and zero the
-        # others (a one-hot gate), then z = codes @ B_all^T with the experts' B side by side [out, N*r]
-        onehot = F.one_hot(expert, N).to(h.dtype)  # [S, N]
-        codes = (h[token].view(S, N, r) * onehot.unsqueeze(-1)).view(S, N * r)  # [S, N*r]
-        # The loss needs only the dot products z_a.z_b = codes_a (B_all^T B_all) codes_b^T: through the small
-        # [N*r, N*r] Gram matrix of B they cost S*S*N*r multiply-adds instead of S*S*out (found by profiling)
-        B_all = self.experts_B()  # [out, N*r]
-        dots = codes @ (B_all.T @ B_all) @ codes.T  # [S, S] = z @ z.T
-        return contrastive_loss(dots, expert, cfg.contrastive_temperature, COSINE_NORM_FLOOR,
-                                None if real is None else real[token])
+        pick, token, token_real = draw_pairs(M, k, min(self.config.contrastive_samples, M * k), real, h.device)
+        labels = top_idx.reshape(-1)[pick]
+        dots = contrastive_dots(h[token], labels, experts_gram(self.lora_B), self.config.num_experts)
+        return contrastive_loss(dots, labels, self.config.contrastive_temperature, COSINE_NORM_FLOOR, token_real)
 
     def merge(self):
         """Fold the adapter into the weight: exact only for one expert with top-1 (plain LoRA).
@@ -430,8 +498,10 @@ def inject_moelora(model, config: MoELoRAConfig):
                          "parameters would never train. Leave these names out of target_modules (in "
                          "nn.TransformerEncoderLayer / nn.TransformerDecoderLayer adapt linear1 and linear2), or "
                          "use attention written with nn.Linear projections that it calls, as model.py's Attention")
+    pairs = SampledPairs()  # one draw of contrastive pairs per forward, for all the layers
     for parent, name, child in found:  # replaced after the walk: never modify a module tree while iterating it
         layer = MoELoRALinear(child, config)
+        layer.pairs = pairs
         setattr(parent, name, layer)
         if isinstance(parent, nn.TransformerEncoderLayer):
             layer.register_forward_pre_hook(keep_off_fast_path)
@@ -574,6 +644,7 @@ def moelora_token_mask(model, mask):
     previous = [layer.token_mask for layer in layers]
     for layer in layers:
         layer.token_mask = mask
+        layer.pairs.drawn = None  # a new batch: new contrastive pairs
     try:
         yield model
     finally:
@@ -584,16 +655,60 @@ def moelora_token_mask(model, mask):
 def moelora_aux_losses(model):
     """{"contrastive", "balance"}: the last forward's auxiliary losses, already multiplied by their weights,
     averaged over the adapted layers. Zero tensors in eval mode or with a weight of 0 (nothing computed).
-    Call it after every forward (e.g. inside a gradient-accumulation loop): the next forward replaces them."""
+    Call it after every forward (e.g. inside a gradient-accumulation loop): the next forward replaces its inputs.
+
+    Each layer's forward kept only its inputs (LossInputs); here the layers that can be stacked (the same shapes
+    and settings, in practice all of a model's layers of one width) get their losses in one batched computation."""
     named = moelora_layers(model)
     layers = [layer for _, layer in named]
     zero = layers[0].lora_A.new_zeros(()) if layers else torch.zeros(())
     check_aux_losses_can_train(named)
-    out = {}
-    for key, attr in (("contrastive", "aux_contrastive"), ("balance", "aux_balance")):
-        values = [getattr(layer, attr) for layer in layers if getattr(layer, attr) is not None]
-        out[key] = torch.stack(values).mean() if values else zero
-    return out
+    groups = {}  # (loss, weight, what must match to stack) -> [layers]
+    for layer in layers:
+        inputs, cfg = layer.loss_inputs, layer.config
+        layer.pairs.drawn = None  # the next forward draws new contrastive pairs
+        if inputs is None:
+            continue
+        if cfg.balance_weight > 0:
+            key = ("balance", cfg.balance_weight, cfg.num_experts, inputs.logits.shape, inputs.top_idx.shape)
+            groups.setdefault(key, []).append(layer)
+        if inputs.codes is not None:
+            key = ("contrastive", cfg.contrastive_weight, cfg.contrastive_temperature, cfg.num_experts,
+                   inputs.codes.shape)
+            groups.setdefault(key, []).append(layer)
+    losses = {"contrastive": [], "balance": []}
+    for (kind, weight, *_), group in groups.items():
+        cfg = group[0].config
+        if kind == "balance":
+            inputs = [layer.loss_inputs for layer in group]
+            loss = balance_loss(torch.stack([i.logits for i in inputs]), torch.stack([i.top_idx for i in inputs]),
+                                cfg.num_experts, stacked_masks([i.real for i in inputs]))
+        else:
+            # the Gram matrices [N*r, N*r] do not depend on the width: stack the B of each width, then every layer's
+            # codes together (in the same order: sorted by width)
+            group = sorted(group, key=lambda layer: layer.out_features)
+            inputs = [layer.loss_inputs for layer in group]
+            widths = sorted({layer.out_features for layer in group})
+            grams = [experts_gram(torch.stack([layer.lora_B for layer in group if layer.out_features == w]))
+                     for w in widths]
+            gram = grams[0] if len(grams) == 1 else torch.cat(grams)  # [L, N*r, N*r]
+            labels = torch.stack([i.labels for i in inputs])  # [L, S]
+            dots = contrastive_dots(torch.stack([i.codes for i in inputs]), labels, gram, cfg.num_experts)  # [L, S, S]
+            loss = contrastive_loss(dots, labels, cfg.contrastive_temperature, COSINE_NORM_FLOOR,
+                                    stacked_masks([i.codes_real for i in inputs]))
+        losses[kind].append(weight * loss)  # [L]: one weighted loss per layer
+    return {kind: torch.cat(values).mean() if values else zero for kind, values in losses.items()}
+
+
+def stacked_masks(masks):
+    """The layers' token masks as one: None when none has one, the mask itself when they share one (the usual
+    case: one moelora_token_mask for the whole model), else [L, ...] stacked (a missing mask counts every token)."""
+    if all(m is None for m in masks):
+        return None
+    if all(m is masks[0] for m in masks):
+        return masks[0]
+    like = next(m for m in masks if m is not None)
+    return torch.stack([torch.ones_like(like) if m is None else m for m in masks])
 
 
 def check_aux_losses_can_train(named_layers):
@@ -601,7 +716,7 @@ def check_aux_losses_can_train(named_layers):
     if not torch.is_grad_enabled():
         return  # logging, evaluation: nothing will be trained from these values
     no_grad = [name for name, layer in named_layers if layer.router is not None and layer.router.weight.requires_grad
-               and any(v is not None and not v.requires_grad for v in (layer.aux_contrastive, layer.aux_balance))]
+               and layer.loss_inputs is not None and not layer.loss_inputs.logits.requires_grad]
     if no_grad:
         raise RuntimeError(
             f"the auxiliary losses of {len(no_grad)} adapted layer(s) (first: {no_grad[0]}) were computed without "
@@ -628,7 +743,7 @@ def moelora_routing_stats(model):
         N, real = layer.config.num_experts, layer.last_real
         share = expert_share(layer.last_top_idx, N, real)
         logp = layer.last_logits.float().log_softmax(dim=-1)  # [M, N]
-        entropy = token_mean(-(logp.exp() * logp).sum(dim=-1), real)
+        entropy = token_mean(-(logp.exp() * logp).sum(dim=-1, keepdim=True), real)[0]
         tokens = layer.last_logits.shape[0] if real is None else int(real.sum())
         stats[name] = {"expert_share": share.tolist(), "router_entropy": entropy.item(), "tokens": tokens}
     return stats

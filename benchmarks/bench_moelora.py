@@ -131,9 +131,8 @@ def bench_layers(dim, tokens, rounds):
 
     def fwd_bwd(layer, forward=None):
         loss = (forward or layer)(x).sum()
-        for aux in (getattr(layer, "aux_contrastive", None), getattr(layer, "aux_balance", None)):
-            if aux is not None:
-                loss = loss + aux
+        if isinstance(layer, MoELoRALinear):
+            loss = loss + sum(moelora_aux_losses(layer).values())
         loss.backward()
 
     contenders = {name: (lambda layer=layer: fwd_bwd(layer)) for name, layer in layers.items()}

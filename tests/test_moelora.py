@@ -141,8 +141,8 @@ def test_contrastive_loss_finite_with_gradients_into_A_and_B():
     layer = MoELoRALinear(nn.Linear(16, 16), small_config(contrastive_weight=0.5))
     randomize_B(layer)
     layer(torch.randn(2, 20, 16))
-    loss = layer.aux_contrastive
-    assert loss is not None and torch.isfinite(loss) and loss > 0
+    loss = moelora_aux_losses(layer)["contrastive"]
+    assert torch.isfinite(loss) and loss > 0
     A_grad, B_grad = torch.autograd.grad(loss, [layer.lora_A, layer.lora_B])
     assert A_grad.abs().sum() > 0 and B_grad.abs().sum() > 0
 
@@ -178,7 +178,7 @@ def test_contrastive_loss_prefers_separated_experts():
     separated(x)
     torch.manual_seed(1)  # the same sampled pairs
     coincide(x)
-    assert separated.aux_contrastive < coincide.aux_contrastive - 0.5
+    assert moelora_aux_losses(separated)["contrastive"] < moelora_aux_losses(coincide)["contrastive"] - 0.5
     # the same on features built directly
     labels = torch.arange(4).repeat_interleave(8)
     z_sep = F.one_hot(labels, 4).float() + 0.05 * torch.randn(32, 4)
@@ -238,16 +238,90 @@ def test_aux_losses_weighted_averaged_and_skipped_when_off():
     x = torch.randn(2, 8, 16)
     model(x)
     layers = [layer for _, layer in moelora.moelora_layers(model)]
-    aux = moelora_aux_losses(model)
-    torch.testing.assert_close(aux["balance"], torch.stack([l.aux_balance for l in layers]).mean())
-    torch.testing.assert_close(aux["contrastive"], torch.stack([l.aux_contrastive for l in layers]).mean())
+    aux = moelora_aux_losses(model)  # every layer's losses in one batched computation
+    per_layer = [moelora_aux_losses(layer) for layer in layers]  # one layer at a time: the same losses
+    for key in ("balance", "contrastive"):
+        torch.testing.assert_close(aux[key], torch.stack([a[key] for a in per_layer]).mean())
     model.eval()
     model(x)
-    assert all(l.aux_balance is None and l.aux_contrastive is None for l in layers)  # not computed
+    assert all(l.loss_inputs is None for l in layers)  # nothing kept
     assert all(v == 0 for v in moelora_aux_losses(model).values())
     model = inject_moelora(TinyNet(), small_config(contrastive_weight=0.0))
     model(x)
     assert moelora_aux_losses(model)["contrastive"] == 0 and moelora_aux_losses(model)["balance"] > 0
+
+
+def per_layer_losses_written_out(layer, tau, floor=moelora.COSINE_NORM_FLOOR):
+    """One layer's balance and contrastive losses (unweighted) from what its forward kept, written out the long
+    way: z = B_e A_e x for each sampled pair, cosines by hand, sums over experts and anchors as loops."""
+    inputs, N, r = layer.loss_inputs, layer.config.num_experts, layer.config.r
+    M = inputs.logits.shape[0]
+    real = torch.ones(M, dtype=torch.bool) if inputs.real is None else inputs.real
+    probs = inputs.logits.float().softmax(-1)[real]  # [m, N]
+    chosen = inputs.top_idx[real]  # [m, k]
+    balance = N * sum((chosen == i).float().sum() / chosen.numel() * probs[:, i].mean() for i in range(N))
+    z = torch.stack([layer.lora_B[e] @ codes.view(N, r)[e] for codes, e in zip(inputs.codes, inputs.labels)])  # [S, out]
+    keep = torch.ones(len(z), dtype=torch.bool) if inputs.codes_real is None else inputs.codes_real
+    norm = z.norm(dim=1).clamp(min=floor)
+    sim = (z @ z.T) / (norm[:, None] * norm[None, :]) / tau
+    per_anchor = []
+    for a in range(len(z)):
+        positives = [p for p in range(len(z)) if p != a and keep[p] and inputs.labels[p] == inputs.labels[a]]
+        if not keep[a] or not positives:
+            continue
+        lse = torch.logsumexp(torch.stack([sim[a, n] for n in range(len(z)) if n != a and keep[n]]), 0)
+        per_anchor.append(torch.stack([lse - sim[a, p] for p in positives]).mean())
+    return balance, torch.stack(per_anchor).mean()
+
+
+def test_batched_aux_losses_equal_the_per_layer_losses_with_their_gradients():
+    # moelora_aux_losses forms every layer's losses in one batched computation (grouped by what stacks: wq and wv
+    # differ in width under grouped-query attention); it must equal each layer's losses written out the long way,
+    # on sampled pairs under a token mask, and so must the gradients into A, B and the routers
+    model_py = pytest.importorskip("model")
+    args = model_py.ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+    torch.manual_seed(0)
+    model = model_py.Transformer(args)
+    cfg = small_config(contrastive_samples=24, contrastive_weight=0.3, balance_weight=0.2, contrastive_temperature=0.5)
+    mark_only_moelora_as_trainable(inject_moelora(model, cfg))
+    randomize_B(model)
+    layers = [layer for _, layer in moelora.moelora_layers(model)]
+    assert {layer.out_features for layer in layers} == {32, 16}  # two widths: two Gram stacks, one loss computation
+    tokens = torch.randint(1, 64, (3, 10))
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 6, 3])[:, None]
+    with moelora.moelora_token_mask(model, mask):
+        model(tokens)
+    aux = moelora_aux_losses(model)
+    by_hand = [per_layer_losses_written_out(layer, tau=0.5) for layer in layers]
+    expected = {"balance": 0.2 * torch.stack([b for b, _ in by_hand]).mean(),
+                "contrastive": 0.3 * torch.stack([c for _, c in by_hand]).mean()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for key in ("balance", "contrastive"):
+        torch.testing.assert_close(aux[key], expected[key])
+        got = torch.autograd.grad(aux[key], trainable, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(expected[key], trainable, retain_graph=True, allow_unused=True)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_contrastive_pairs_drawn_once_per_forward_for_all_layers():
+    model = mark_only_moelora_as_trainable(inject_moelora(TinyNet(n_layers=3), small_config(contrastive_samples=8)))
+    layers = [layer for _, layer in moelora.moelora_layers(model)]
+    x = torch.randn(2, 8, 16)
+    draws = []
+    real_draw = moelora.draw_pairs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moelora, "draw_pairs", lambda *a: draws.append(1) or real_draw(*a))
+        model(x)
+        assert len(draws) == 1  # one draw for the forward, not one per layer
+        assert all(layer.last_pairs is layers[0].last_pairs for layer in layers)
+        assert [layer.drew_pairs for layer in layers] == [True] + [False] * (len(layers) - 1)
+        first = layers[0].last_pairs[0]
+        moelora_aux_losses(model)  # the losses are taken: the next forward draws anew
+        model(x)
+        assert len(draws) == 2 and not torch.equal(layers[0].last_pairs[0], first)
 
 
 def test_routing_stats():
@@ -434,7 +508,7 @@ def padded_batch(lengths, dim=16, seed=0):
 
 
 def losses_stats_and_grads(layer):
-    aux = [layer.aux_balance, layer.aux_contrastive]
+    aux = [moelora_aux_losses(layer)[key] for key in ("balance", "contrastive")]
     grads = torch.autograd.grad(sum(aux), [layer.lora_A, layer.lora_B, layer.router.weight])
     stats = moelora_routing_stats(layer)[""]
     return aux, stats, grads
@@ -470,11 +544,11 @@ def test_token_mask_all_real_equals_no_mask_and_sampling_draws_real_tokens_only(
     x, mask, _ = padded_batch([7, 3])
     torch.manual_seed(5)
     layer(x)
-    plain = [layer.aux_balance, layer.aux_contrastive]
+    plain = moelora_aux_losses(layer)
     torch.manual_seed(5)  # the same draws
     with moelora.moelora_token_mask(layer, torch.ones(2, 7, dtype=torch.bool)):
         layer(x)
-    torch.testing.assert_close([layer.aux_balance, layer.aux_contrastive], plain)
+    torch.testing.assert_close(moelora_aux_losses(layer), plain)
     # under the real mask, the 8 sampled pairs are all real (10 real tokens = 20 real pairs)
     seen = []
     real_contrastive = moelora.contrastive_loss
@@ -483,12 +557,13 @@ def test_token_mask_all_real_equals_no_mask_and_sampling_draws_real_tokens_only(
         torch.manual_seed(seed)
         with moelora.moelora_token_mask(layer, mask):
             layer(x)
+        moelora_aux_losses(layer)
     assert len(seen) == 20 and all(r.shape == (8,) and r.all() for r in seen)
     # fewer real pairs than samples: every real pair is drawn, padding fills up, and is left out of the loss
     seen.clear()
     with moelora.moelora_token_mask(layer, torch.tensor([[True] * 2 + [False] * 5, [True] + [False] * 6])):
         layer(x)
-    assert seen[0].sum() == 6 and torch.isfinite(layer.aux_contrastive)
+    assert torch.isfinite(moelora_aux_losses(layer)["contrastive"]) and seen[0].sum() == 6
 
 
 def test_token_mask_errors_and_scope():
@@ -540,9 +615,12 @@ def test_token_mask_in_our_llama_padding_gets_no_gradient_and_outputs_do_not_cha
     assert grad_plain[~mask].abs().max() > 0
 
 
-def test_token_mask_survives_activation_checkpointing_with_backward_after_the_with():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_token_mask_survives_activation_checkpointing_with_backward_after_the_with(dropout):
     # checkpointing reruns each block's forward during backward, after the with has ended; the rerun must see the
-    # same mask, or autograd would get other saved tensors (an error at best, wrong gradients at worst)
+    # same mask, or autograd would get other saved tensors (an error at best, wrong gradients at worst). With
+    # dropout, the rerun must also use up the same random numbers: the layer that drew the contrastive pairs in
+    # the forward draws them again, so that its block's dropout masks come out as they did
     model_py = pytest.importorskip("model")
     args = model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
     tokens = torch.randint(1, 64, (3, 10))
@@ -551,7 +629,8 @@ def test_token_mask_survives_activation_checkpointing_with_backward_after_the_wi
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = model_py.Transformer(args)
-        mark_only_moelora_as_trainable(inject_moelora(model, small_config(contrastive_samples=16)))  # sampled pairs
+        config = small_config(contrastive_samples=16, lora_dropout=dropout)  # sampled pairs
+        mark_only_moelora_as_trainable(inject_moelora(model, config))
         randomize_B(model)
         model.grad_checkpointing = checkpointing
         torch.manual_seed(1)
@@ -577,12 +656,12 @@ def test_checkpointing_rerun_keeps_no_loss_graph():
     tokens = torch.randint(1, 64, (3, 10))
     _, loss = model(tokens, tokens)
     layers = [layer for _, layer in moelora.moelora_layers(model)]
-    before = [(layer.aux_balance, layer.aux_contrastive) for layer in layers]
-    assert all(b is not None and c is not None for b, c in before)
+    before = [layer.loss_inputs for layer in layers]
+    assert all(inputs is not None and inputs.codes is not None for inputs in before)
     (loss + sum(moelora_aux_losses(model).values())).backward()
     assert all(layer.lora_B.grad.abs().sum() > 0 and layer.router.weight.grad.abs().sum() > 0 for layer in layers)
-    for layer, (balance, contrastive) in zip(layers, before):
-        assert layer.aux_balance is balance and layer.aux_contrastive is contrastive
+    for layer, inputs in zip(layers, before):
+        assert layer.loss_inputs is inputs
 
 
 def test_torch_compile_with_a_token_mask_one_graph():
