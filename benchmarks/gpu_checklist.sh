@@ -9,6 +9,7 @@
 #   3. the task mixture on CUDA: --task math, per-benchmark grading and routing per task
 #   4. a training step at LLaMA-7B's shape (32 layers, dim 4096, 4 x 512 tokens): memory, tokens/s, MFU
 #   5. the same with --grad_checkpointing
+#   5b. our LoRA against PEFT's in float32 at LLaMA-7B's width (4 layers): is bf16's logit difference only rounding?
 #   6. the loss alone: peak memory with fp32 and bf16 logits at LLaMA-7B's micro-batch
 #   7. train.py with --compile and --grad_checkpointing on stories260K
 #   8. --compile at LLaMA-7B's width (4 layers: compiling 32 takes longer than a short lease)
@@ -54,6 +55,8 @@ part "3. bf16, stories260K, --task math" 120 python train.py --task math "${STOR
 SEVEN_B=(--device cuda --dtype bf16 --shape 7b --parts train --rounds 5 --methods lora,moelora,moelora-cl0)
 part "4. training step at LLaMA-7B's shape" 150 python benchmarks/bench_vs_hf.py "${SEVEN_B[@]}"
 part "5. the same, gradient checkpointing" 120 python benchmarks/bench_vs_hf.py "${SEVEN_B[@]}" --grad_checkpointing
+part "5b. LoRA against PEFT in float32, 7B width, 4 layers" 90 python benchmarks/bench_vs_hf.py --device cuda \
+  --dtype fp32 --shape 7b --n_layers 4 --parts train --rounds 3 --methods lora --no_memory
 part "6. the loss alone at LLaMA-7B's micro-batch" 60 python benchmarks/bench_cross_entropy.py --device cuda --rounds 3
 part "7. train.py --compile --grad_checkpointing" 120 python train.py --task gsm8k "${STORIES[@]}" --dtype bf16 \
   --max_steps 20 --eval_limit 50 --compile --grad_checkpointing --out_dir "$OUT/stories_compile"
