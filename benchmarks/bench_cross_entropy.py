@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py
-from model import IGNORE_INDEX
+from data.prompts import IGNORE_INDEX
 
 SHAPES = {"7b": (4 * 512, 32000), "tiny": (16 * 384, 2048)}  # (tokens, vocab)
 

@@ -52,7 +52,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, moelora.py
 from bench_moelora import machine, make_step, timed
-from model import IGNORE_INDEX, ModelArgs, Transformer, ffn_hidden_dim
+from data.prompts import IGNORE_INDEX
+from model import ModelArgs, Transformer, ffn_hidden_dim
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
 
 SHAPES = {  # model and training batch; the 7b shape is LLaMA-7B's

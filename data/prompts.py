@@ -20,7 +20,7 @@ see the same prompt, and here they do by construction: eval_prompt_tokens() is e
 every training sequence.
 """
 
-from model import IGNORE_INDEX  # -100: targets that add nothing to the loss
+IGNORE_INDEX = -100  # targets that add nothing to the loss: F.cross_entropy's default ignore_index
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

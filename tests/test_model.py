@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import shared_path
-from model import IGNORE_INDEX, ModelArgs, Transformer, read_safetensors
+from checkpoints import read_safetensors
+from data.prompts import IGNORE_INDEX
+from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency (requirements-dev.txt)")
@@ -118,7 +120,7 @@ def hf_to_meta_state_dict(hf):
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
-        # inverse of permute_to_rotate_half, written independently of model.unpermute_rotate_half
+        # inverse of permute_to_rotate_half, written independently of checkpoints.unpermute_rotate_half
         out[f"layers.{i}.attention.wq.weight"] = torch.stack([q.view(c.num_attention_heads, 2, hd // 2, -1)[:, j] for j in (0, 1)], 2).reshape(q.shape)
         out[f"layers.{i}.attention.wk.weight"] = torch.stack([k.view(c.num_key_value_heads, 2, hd // 2, -1)[:, j] for j in (0, 1)], 2).reshape(k.shape)
         assert torch.equal(permute_to_rotate_half(out[f"layers.{i}.attention.wq.weight"], c.num_attention_heads), q)
