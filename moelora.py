@@ -133,21 +133,21 @@ class MoELoRAConfig:
         if isinstance(self.target_modules, str):
             raise TypeError(f"target_modules must be a list of names such as ('wq', 'wv'), got the string {self.target_modules!r}")
         self.target_modules = tuple(self.target_modules)
-        checks = [
-            (self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}"),
-            (1 <= self.top_k <= self.num_experts, f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"),
-            (self.r >= 1, f"r must be >= 1, got {self.r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
-            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+        checks = [  # each message starts with the field's name, which train.py turns into its flag
+            (self.num_experts >= 1, f"num_experts {self.num_experts} must be >= 1"),
+            (1 <= self.top_k <= self.num_experts, f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}"),
+            (self.r >= 1, f"r {self.r} must be >= 1"),
+            (self.lora_alpha > 0, f"lora_alpha {self.lora_alpha} must be > 0"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout {self.lora_dropout} must be in [0, 1)"),
             (len(self.target_modules) > 0, "target_modules is empty"),
-            (self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight}"),
-            (self.contrastive_temperature > 0, f"contrastive_temperature must be > 0, got {self.contrastive_temperature}"),
-            (self.contrastive_samples >= 2, f"contrastive_samples must be >= 2, got {self.contrastive_samples}"),
-            (self.balance_weight >= 0, f"balance_weight must be >= 0, got {self.balance_weight}"),
+            (self.contrastive_weight >= 0, f"contrastive_weight {self.contrastive_weight} must be >= 0"),
+            (self.contrastive_temperature > 0, f"contrastive_temperature {self.contrastive_temperature} must be > 0"),
+            (self.contrastive_samples >= 2, f"contrastive_samples {self.contrastive_samples} must be >= 2"),
+            (self.balance_weight >= 0, f"balance_weight {self.balance_weight} must be >= 0"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"MoELoRAConfig: {msg}")
+        problems = [msg for ok, msg in checks if not ok]
+        if problems:
+            raise ValueError("MoELoRAConfig: " + "; ".join(problems))
 
 
 # The loss helpers below take a leading batch of layers: moelora_aux_losses stacks every adapted layer's inputs and

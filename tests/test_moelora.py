@@ -56,7 +56,7 @@ def randomize_B(model, std=0.1):
 def test_config_defaults_and_validation():
     c = MoELoRAConfig()
     assert (c.num_experts, c.top_k, c.target_modules) == (8, 2, ("wq", "wv"))
-    for bad, word in [({"top_k": 9}, "top_k"), ({"num_experts": 0}, "num_experts"), ({"r": 0}, "r must"),
+    for bad, word in [({"top_k": 9}, "top_k"), ({"num_experts": 0}, "num_experts"), ({"r": 0}, "r 0 must"),
                       ({"lora_dropout": 1.0}, "lora_dropout"), ({"contrastive_temperature": 0}, "temperature"),
                       ({"contrastive_samples": 1}, "contrastive_samples"), ({"target_modules": ()}, "empty"),
                       ({"balance_weight": -1}, "balance_weight")]:

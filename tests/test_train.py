@@ -19,6 +19,10 @@ from data.tasks import load_split
 from moelora import MoELoRAConfig
 from tokenizer import Tokenizer
 
+sys.path.insert(0, str(ROOT / "tutorial"))
+import routing  # noqa: E402  (tutorial/routing.py)
+import routing_per_task  # noqa: E402  (tutorial/routing_per_task.py: routing per task, offline)
+
 
 def small_run(out_dir, *extra, model="stories260K-hf"):
     """Arguments for a run that takes seconds: a few steps of batch 4 on short sequences, 6 test questions."""
@@ -231,8 +235,10 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys):
     # a training loss per source in metrics.jsonl
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert set().union(*(r["loss_per_source"] for r in log)) == {"gsm8k", "mawps"}
-    # routing per task, after training and with the routers as drawn, within [0, H(task)]
-    routing = json.loads((tmp_path / "routing_math_first3.json").read_text())
+    # routing per task, offline from the checkpoint, after training and with the routers as drawn, in [0, H(task)]
+    assert f"python tutorial/routing_per_task.py {tmp_path}" in text
+    routing = json.loads(routing_per_task.routing_of_run(tmp_path).read_text())
+    assert routing_per_task.routing_of_run(tmp_path).name == "routing_math_first3.json"
     assert routing["tasks"] == list(train.FAMILIES["math"])
     for layer in routing["layers"].values():
         for which in ("trained", "initial"):
@@ -277,7 +283,7 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     train.inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
     tests = {"a": [{"instruction": "cat dog cat", "input": "", "output": "", "answer": "1"}] * 3,
              "b": [{"instruction": "sun moon sun moon", "input": "", "output": "", "answer": "2"}] * 2}
-    spans = train.question_spans([train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
+    spans = routing_per_task.question_spans([train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
     prompts = [train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs]
     ids = {t: {prompts[i][j] for i in rows for j in range(*spans[i])} for t, rows in (("a", range(3)), ("b", range(3, 5)))}
     assert ids["a"] and ids["b"] and not ids["a"] & ids["b"]
@@ -289,19 +295,17 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
             router = getattr(model.layers[0].attention, name).router.weight  # [4, dim]
             router.zero_()
             router[0, 0], router[1, 0] = 1.0, -1.0
-    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
-    args = train.parse_args(["--eval_batch_size", "2"])
-    counts = train.routing_counts(args, run, model, tok, tests)
+    counts = routing_per_task.routing_counts(model, tok, tests, batch_size=2)
     top1 = counts["layers.0.attention.wq"][0]  # [tasks, experts]
-    h_task = train.entropy_bits(top1.sum(1))
+    h_task = routing.entropy_bits(top1.sum(1))
     assert top1[0, 0] == top1[0].sum() and top1[1, 1] == top1[1].sum()
-    assert train.mutual_information_bits(top1) == pytest.approx(h_task) and h_task > 0.5
+    assert routing.mutual_information_bits(top1) == pytest.approx(h_task) and h_task > 0.5
     with torch.no_grad():
         model.layers[0].attention.wq.router.weight.zero_()
         model.layers[0].attention.wq.router.weight[2, 1] = 1.0  # expert 2 wins whatever the task
-    top1 = train.routing_counts(args, run, model, tok, tests)["layers.0.attention.wq"][0]
+    top1 = routing_per_task.routing_counts(model, tok, tests, batch_size=2)["layers.0.attention.wq"][0]
     assert top1[:, 2].sum() == top1.sum()
-    assert train.mutual_information_bits(top1) == pytest.approx(0.0, abs=1e-12)
+    assert routing.mutual_information_bits(top1) == pytest.approx(0.0, abs=1e-12)
 
 
 # --- never lose a user's work
@@ -311,7 +315,7 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     (["--micro_batch_size", "0"], "--micro_batch_size 0 must be > 0"), (["--max_steps", "0"], "--max_steps 0 must be > 0"),
     (["--max_steps", "-5"], "--max_steps -5 must be > 0"), (["--log_interval", "0"], "--log_interval 0 must be > 0"),
     (["--save_interval", "0"], "--save_interval 0 must be > 0"), (["--eval_batch_size", "0"], "--eval_batch_size 0"),
-    (["--eval_limit", "0"], "--eval_limit 0 must be > 0"), (["--top_k", "9"], "--top_k 9 must be at most --num_experts 8"),
+    (["--eval_limit", "0"], "--eval_limit 0 must be > 0"), (["--top_k", "9"], "--top_k 9 must be between 1 and --num_experts 8"),
     (["--lora_dropout", "1"], "--lora_dropout 1.0 must be in"), (["--resume", "--overwrite"], "contradict"),
     (["--micro_batch_size", "32", "--batch_size", "16"], "--micro_batch_size 32 must be at most --batch_size 16"),
     (["--contrastive_warmup", "-1"], "--contrastive_warmup -1 must be >= 0"),

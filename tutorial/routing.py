@@ -41,9 +41,23 @@ from data.tasks import DataError, find_data_dir, load_split  # noqa: E402
 from model import Transformer  # noqa: E402
 from moelora import MoELoRAConfig, inject_moelora, moelora_layers  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from train import entropy_bits, mutual_information_bits  # noqa: E402  (I(kind; expert) as train.py reports I(task; expert))
+from runs import base_fingerprint, load_checkpoint  # noqa: E402
 
 KINDS = ("digit", "operator", "word", "space/punct", "newline")
+
+
+def entropy_bits(p) -> float:
+    """Entropy in bits of a distribution given as probabilities or as counts."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return max(0.0, float(-(p * np.log2(p)).sum()))  # max: no "-0.00" for a certain outcome
+
+
+def mutual_information_bits(counts) -> float:
+    """I(row; column) in bits from a [rows, columns] table of counts, e.g. [kinds, experts] or [tasks, experts]."""
+    joint = np.asarray(counts, dtype=np.float64)
+    joint = joint / joint.sum()
+    return entropy_bits(joint.sum(1)) + entropy_bits(joint.sum(0)) - entropy_bits(joint.flatten())
 OPERATORS = set("+-*/=$%<>^×÷")
 
 
@@ -151,9 +165,11 @@ def summarize(counts_by_layer):
 
 
 def load_run(run_dir: Path, base=None):
-    """(model with the run's trained adapters, the same model as the run started, tokenizer, ckpt config)."""
-    import train  # the checks of train.load_checkpoint: this base, this method, this adapter configuration
+    """(model with the run's trained adapters, the same model as the run started, tokenizer, ckpt config).
 
+    The run's start is redrawn, not stored: train.py seeds torch with --seed (+ rank) right before inject_moelora
+    and draws nothing in between, so seeding the same way here draws the run's initial routers and A exactly
+    (B = 0). The check below (A's cosine with the redrawn one) shows it held."""
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     config = ckpt["config"]
     if config["method"] != "moelora":
@@ -164,13 +180,10 @@ def load_run(run_dir: Path, base=None):
     models = []
     for trained in (True, False):
         model = Transformer.from_pretrained(base, dtype=torch.float32)
-        # train.py seeds torch with --seed (+ rank) and draws nothing else before inject_moelora when --model is
-        # given, so this draws the run's initial routers and A exactly (B = 0)
         torch.manual_seed(config["seed"])
         inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
-        if trained:
-            args = Namespace(**dict(config, model=str(base)))
-            train.load_checkpoint(run_dir / "ckpt.pt", model, args, train.base_fingerprint(model))
+        if trained:  # load_checkpoint's checks: this base, this method, this adapter configuration
+            load_checkpoint(run_dir / "ckpt.pt", model, Namespace(**dict(config, model=str(base))), base_fingerprint(model))
         models.append(model)
     return models[0], models[1], tok, config
 

@@ -154,10 +154,15 @@ def run_queue(runs, jobs: int):
 
 
 def run_all(args):
-    """Run the section-12 runs that have no results file yet."""
+    """Run the section-12 runs that have no results file yet; then, for the MoELoRA runs, routing per task."""
+    from routing_per_task import routing_of_run
     todo = [("base", 0)] + [(name, seed) for seed in args.seeds for name in args.contenders]
     run_queue([(run_dir(args, n, s), [train_command(args, n, s)]) for n, s in todo
                if not results_file(args, n, s).exists()], args.jobs)
+    for n, s in todo:
+        d = run_dir(args, n, s)
+        if n != "base" and "lora" not in CONTENDERS[n] and not (d / f"routing_math_first{args.eval_limit}.json").exists():
+            routing_of_run(d, args.data_dir, args.model)
 
 
 def collect(args, name, seed):
@@ -376,14 +381,12 @@ def trial_measures(args, d: Path, full: bool):
     from data.tasks import load_split
     from model import Transformer
     from moelora import load_moelora, load_moelora_state_dict, moelora_layers, moelora_state_dict, read_moelora_file
-    from routing import KINDS, token_kind
+    from routing import KINDS, load_run, mutual_information_bits, token_kind
     from tokenizer import Tokenizer
-    from train import mutual_information_bits
 
     model = Transformer.from_pretrained(args.model, dtype=torch.float32).eval()
     tok = Tokenizer.from_dir(args.model)
     load_moelora(model, d / "adapter.safetensors")
-    ckpt = torch.load(d / "ckpt.pt", map_location="cpu", weights_only=True)
     cutoff = model.args.max_seq_len  # train.py grades the answer loss at the model's context, not the training cutoff
     tests = load_split("gsm8k", "test", Path(args.data_dir))
     lo, hi = validation_range(args)
@@ -397,7 +400,8 @@ def trial_measures(args, d: Path, full: bool):
                               for k in (token_kind(tok.sp.id_to_piece(i)) for i in q)])  # [tokens], -1: BOS, EOS
         k = layers[0][1].config.top_k
         trained = {name: layer.router.weight.detach().clone() for name, layer in layers}
-        initial = ckpt["init_routers"]
+        _, start, _, _ = load_run(d)  # the run as it started: its routers redrawn by seeding as train.py did
+        initial = {name: layer.router.weight.detach() for name, layer in moelora_layers(start)}
         for suffix, routers in (("", trained), ("_init", initial)):
             with routers_as(model, routers):
                 loss = answer_loss_of(model, pairs, tok.pad_id)
@@ -443,7 +447,6 @@ def trial_measures(args, d: Path, full: bool):
 
 def trial_main(args):
     """Tune each arm's lr on the tuning seed, run the reported seeds at it, measure, report, apply the decision rule."""
-    import controlled
     w, tau = args.cl_weight, args.cl_tau
     if w is None or tau is None:
         summary = Path(args.synthetic_summary)
