@@ -27,7 +27,7 @@ and two probes, run when named (`--contenders lora_lr1e-2,moelora_cl0_lr1e-2 --s
 without the contrastive loss at lr 1e-2 instead of 3e-3, to see whether the gap between them is one of step size.
 Each trains 150 steps of 16 examples at lr 3e-3 (the tiny preset's), cutoff 512 pieces, and is graded on the
 first 100 questions of each benchmark. Routing per task (I(task; top-1 expert), trained and with the routers as
-drawn at step 0) is measured on those questions: train.py writes it to routing_math_first100.json.
+drawn at step 0) is measured on those questions, offline, by tutorial/routing_per_task.py: routing_math_first100.json.
 """
 import argparse
 import concurrent.futures
