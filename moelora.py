@@ -1,10 +1,9 @@
 """
 MoELoRA: a mixture of LoRA experts behind a router, for any model built from nn.Linear layers.
 
-After Luo et al., "MoELoRA: Contrastive Learning Guided Mixture of Experts on Parameter-Efficient
-Fine-Tuning for Large Language Models" (arXiv 2402.12851). No official code is public: the layer follows
-the paper's description, the exact loss formulas are this project's documented reading (see below).
-This file needs only torch: copy it into another project and call inject_moelora on its model.
+After Luo et al., "MoELoRA: Contrastive Learning Guided Mixture of Experts on Parameter-Efficient Fine-Tuning for
+Large Language Models" (arXiv 2402.12851). No official code is public: where the paper is silent, the choices are
+this project's (tutorial.md, sections 1 and 4-7). Needs only torch: copy this file into any project.
 
                           x [.., d_in]
            +----------------+----------------------------+
@@ -22,72 +21,17 @@ This file needs only torch: copy it into another project and call inject_moelora
                                 |
         y = W0 x + scaling * sum_{i in top-k} g_i(x) B_i A_i dropout(x)
 
-Public API
-    MoELoRAConfig                  num_experts, top_k, r, lora_alpha, lora_dropout, target_modules,
-                                   contrastive_weight, contrastive_temperature, contrastive_samples,
-                                   balance_weight
-    MoELoRALinear(base, config)    wraps one nn.Linear; .merge() / .unmerge() (only for 1 expert, top-1)
-    inject_moelora(model, config)  wraps every nn.Linear whose attribute name is in target_modules
-                                   (refuses layers their parent would bypass: see inject_moelora)
-    mark_only_moelora_as_trainable(model)
-    moelora_token_mask(model, mask)   context manager: losses and statistics over real tokens only (padding out)
-    moelora_aux_losses(model)      {"contrastive": tensor, "balance": tensor} of the last forward,
-                                   already weighted; add them to the language-model loss. Forms every
-                                   layer's losses at once from what each layer's forward kept (LossInputs)
-    moelora_routing_stats(model)   {layer name: {"expert_share": [N floats], "router_entropy": float, "tokens": int}}
-    save_moelora(model, path) / load_moelora(model, path)   adapters + routers + config as .safetensors (no pickle)
-    moelora_state_dict(model)      adapter + router weights and a "moelora_config" dict (megabytes)
-    load_moelora_state_dict(model, state_dict)   strict: keys, shapes and config must match
-    merge_moelora(model) / unmerge_moelora(model)
-    helpers: moelora_layers(model) -> [(name, layer)], moelora_config(model), read_moelora_file(path),
-             expert_share, balance_loss, contrastive_loss, contrastive_dots, experts_gram
-
-Typical use:
-    model = Transformer(args)                          # load the base checkpoint before or after:
-    inject_moelora(model, MoELoRAConfig())             # state-dict keys of the base do not change
-    mark_only_moelora_as_trainable(model)
-    with moelora_token_mask(model, tokens != pad_id):   # [batch, seq]: padding is not routed into the losses
+    inject_moelora(model, MoELoRAConfig())              # every nn.Linear named in target_modules ("wq", "wv")
+    mark_only_moelora_as_trainable(model)               # the base's state-dict keys do not change
+    with moelora_token_mask(model, tokens != pad_id):   # [batch, seq]: padding stays out of the losses
         logits, lm_loss = model(tokens, targets)
-    loss = lm_loss + sum(moelora_aux_losses(model).values())   # right after each forward
+    loss = lm_loss + sum(moelora_aux_losses(model).values())   # after every forward: weighted, layer-averaged
     save_moelora(model, "adapter.safetensors")          # later: load_moelora(base_model, "adapter.safetensors")
 
-Choices made here (the paper does not pin them down):
-- gates: softmax over the k largest router logits. With top_k = 1 the gate is always 1, so the router
-  then learns only from the balance loss. One expert is exactly plain LoRA, and has no router at all.
-- contrastive loss (supervised-contrastive form): each expert index is a class. From the (token, selected
-  expert) pairs of a layer's batch, `contrastive_samples` are drawn; their features are the expert's own
-  output z = B_i A_i dropout(x_t), before gating. Positives of an anchor are the same expert's outputs on
-  other tokens, all other samples are in the denominator; anchors without a positive are skipped:
-      L_cl = - mean_a 1/|P(a)| sum_{p in P(a)} log( exp(cos(z_a,z_p)/tau) / sum_{n != a} exp(cos(z_a,z_n)/tau) )
-  This is the structure of the one published description we have (He et al., "A Unified Study of LoRA Variants",
-  eq. 127: InfoNCE, outputs of the same expert positive, of different experts negative); several positives per
-  anchor, the sampling and the floored cosine are ours. The cosine floors |z| at COSINE_NORM_FLOOR: B starts at
-  zero, and a plain cosine of tiny z has huge gradients (the comment at COSINE_NORM_FLOOR tells the measurements).
-- balance loss (Switch Transformer): L_bal = N * sum_i f_i P_i, f_i = share of the (token, slot)
-  assignments that went to expert i, P_i = mean router probability of expert i. It is 1 when balanced.
-- both are multiplied by their weights and averaged over the adapted layers, so a weight means the same
-  whatever the number of layers. They are not computed at all in eval mode, with a weight of 0, or with
-  a single expert (where they are constants). Under moelora_token_mask both count real tokens only.
-- computed once per step, not once per layer: a layer's forward keeps its router logits and the codes of the
-  sampled pairs, and moelora_aux_losses stacks the layers and forms all their losses in a few batched kernels.
-  The contrastive pairs' positions are drawn once per forward, for every layer. On a GPU each small kernel is a
-  launch: per layer, the contrastive loss took 136 operations, batched it takes 9 (benchmarks/bench_ops.py).
-
-The balance loss next to the peers' (read in their code: transformers 5.23 models/mixtral, MixLoRA in
-TUDB-Labs/MoE-PEFT, GCYZSL/MoLA). All are N * sum_i f_i P_i with a softmax over all N experts, but:
-                  f sums to  balanced   layers combined                 padding          default weight
-    here          1          1          mean of per-layer losses        token mask       0.01
-    HF Mixtral    top_k      top_k      pooled: one f and one P over    attention_mask   0.001
-                                        the tokens of all layers
-    MixLoRA       top_k      top_k      pooled, as Mixtral              attention_mask   0.001
-    MoLA          1          n_layers   sum of per-layer losses         counted          0.001, off by default
-Their numbers from ours: Mixtral's and MixLoRA's is top_k * balance_loss() of every layer's last_logits,
-last_top_idx and last_real concatenated (tutorial.md section 7 has the function). That equals top_k times our
-unweighted loss only when all layers route alike: pooling hides imbalance (four layers that each send every token
-to their own pair of experts read as balanced there, and as 4 per layer here). MoLA's is n_layers times ours.
-With the default weights, ours (0.01 x loss) presses 5x harder towards balance than Mixtral's (0.001 x 2 x loss).
+Also: moelora_routing_stats (expert load, router entropy), moelora_state_dict / load_moelora_state_dict,
+merge_moelora (one expert only). The losses: a supervised contrastive loss between the experts' outputs (off by
+default: tutorial/experiments.md) and Switch Transformer's load balancing, formed once per step for all layers.
 """
-
 import contextlib
 import json
 import math
@@ -101,16 +45,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Floor on |z| inside the cosine of the contrastive loss: cos(z_a, z_p) = z_a.z_p / (max(|z_a|, f) max(|z_p|, f)).
-# B starts at zero, so early expert outputs z are tiny, and the gradient of a cosine grows like 1/|z|: on a
-# 64-wide layer (8 experts, rank 4, weight 0.1) the gradient norm into B is 5e3 at B ~ 1e-6 and 48 at 1e-4,
-# which swamps the language-model gradient (or, clipped, silences it). Below the floor the cosine becomes a
-# dot product / f^2, whose gradient shrinks with |z| instead: the loss fades in as the experts' outputs grow,
-# a warm-up keyed to the adapter itself. Peak gradient ~ 1/f (there: 1.2 at |z| ~ f, against 0.005 at B ~ 1).
-# Above the floor nothing changes; lower it (moelora.COSINE_NORM_FLOOR = ...) for models with tiny activations.
-# It bounds the gradient, it does not make it small: in model.py's LLaMA (dim 512, wq and wv) the contrastive
-# gradient into B still peaks at ~8x the language-model gradient, around B ~ 3e-3 (unfloored: 90x at B ~ 1e-4,
-# 9000x at 1e-6); a warm-up of contrastive_weight in the training loop is the complementary remedy.
+__all__ = ["MoELoRAConfig", "MoELoRALinear", "inject_moelora", "mark_only_moelora_as_trainable", "moelora_token_mask",
+           "moelora_aux_losses", "moelora_routing_stats", "save_moelora", "load_moelora", "moelora_state_dict",
+           "load_moelora_state_dict", "merge_moelora", "moelora_layers"]
+
+# Floor on |z| inside the contrastive loss's cosine: cos(z_a, z_b) = z_a.z_b / (max(|z_a|, f) max(|z_b|, f)). B starts
+# at zero, and a plain cosine's gradient grows like 1/|z|: at B ~ 1e-6 it swamps the language-model gradient. Below
+# the floor the cosine becomes a dot product / f^2, whose gradient shrinks with |z|. tutorial.md, section 6, measures it.
 COSINE_NORM_FLOOR = 0.1
 
 
@@ -174,8 +115,8 @@ def expert_share(top_idx, num_experts: int, real=None):
 
 def balance_loss(logits, top_idx, num_experts: int, real=None):
     """Switch Transformer load balancing. logits [..., M, N] router scores, top_idx [..., M, k] selected experts,
-    real [M] or [..., M] (optional) True for the tokens that count. Returns [...]; balanced: 1. How it compares
-    with Mixtral's, MixLoRA's and MoLA's numbers: see "The balance loss next to the peers'" above."""
+    real [M] or [..., M] (optional) True for the tokens that count. Returns [...]; balanced: 1. tutorial.md,
+    section 7, compares it with Mixtral's, MixLoRA's and MoLA's."""
     probs = logits.float().softmax(dim=-1)  # [..., M, N]
     f = expert_share(top_idx, num_experts, real)  # [..., N], no gradient
     P = token_mean(probs, real)  # [..., N], the differentiable half
@@ -304,7 +245,6 @@ class MoELoRALinear(nn.Module):
         # One expert needs no router (its gate is always 1): that is plain LoRA, with LoRA's parameter count
         self.router = nn.Linear(self.in_features, N, bias=False, device=device) if N > 1 else None
         self.dropout = nn.Dropout(config.lora_dropout)
-        self.merged = False
         self.token_mask = None  # [leading dims of x] bool, True for real tokens: set by moelora_token_mask
         self.loss_inputs = None  # what the last training forward keeps for moelora_aux_losses (LossInputs)
         # the contrastive loss's (token, slot) pairs: drawn once per forward for all the adapted layers of a model
@@ -350,8 +290,6 @@ class MoELoRALinear(nn.Module):
         if not rerun:
             self.loss_inputs = None
         self.has_run = True
-        if self.merged:
-            return result
         cfg, N, r = self.config, self.config.num_experts, self.config.r
         real = self.real_tokens(x)  # [M] or None; only the losses and statistics read it, never the output
         x2 = x.to(self.lora_A.dtype).reshape(-1, self.in_features)  # [M, in], M = number of tokens
@@ -406,36 +344,10 @@ class MoELoRALinear(nn.Module):
         dots = contrastive_dots(h[token], labels, experts_gram(self.lora_B), self.config.num_experts)
         return contrastive_loss(dots, labels, self.config.contrastive_temperature, COSINE_NORM_FLOOR, token_real)
 
-    def merge(self):
-        """Fold the adapter into the weight: exact only for one expert with top-1 (plain LoRA).
-
-        With several experts the update sum_i g_i(x) B_i A_i depends on the input through the gates, so
-        no single matrix equals it for every x; the adapter must stay a separate branch.
-        """
-        cfg = self.config
-        if cfg.num_experts != 1 or cfg.top_k != 1:
-            raise ValueError(
-                f"cannot merge MoELoRA with num_experts={cfg.num_experts}, top_k={cfg.top_k}: the gates depend on "
-                "the input, so the adapter is no fixed matrix; only num_experts=1, top_k=1 (plain LoRA) merges")
-        if not self.merged:
-            with torch.no_grad():
-                self.weight += self.lora_delta_weight()
-            self.merged = True
-
-    def unmerge(self):
-        if self.merged:
-            with torch.no_grad():
-                self.weight -= self.lora_delta_weight()
-            self.merged = False
-
-    def lora_delta_weight(self):
-        # [out, in]: the single expert's update scaling * B A, in the base weight's dtype
-        return (self.scaling * self.lora_B[0] @ self.lora_A[0]).to(self.weight.dtype)
-
     def extra_repr(self):
         c = self.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={c.num_experts}, "
-                f"top_k={c.top_k}, r={c.r}, scaling={self.scaling:g}, merged={self.merged}")
+                f"top_k={c.top_k}, r={c.r}, scaling={self.scaling:g}")
 
 
 def moelora_layers(model):
@@ -750,13 +662,21 @@ def moelora_routing_stats(model):
 
 
 def merge_moelora(model):
-    """Fold every adapter into its base weight (only num_experts=1, top_k=1; see MoELoRALinear.merge)."""
-    for _, layer in moelora_layers(model):
-        layer.merge()
-    return model
-
-
-def unmerge_moelora(model):
-    for _, layer in moelora_layers(model):
-        layer.unmerge()
+    """Fold every adapter into its base weight and put plain nn.Linear layers back: for a user who trained plain
+    LoRA (--method lora: one expert) and wants an ordinary checkpoint that any LLaMA runtime reads. A mixture
+    cannot be folded: its update sum_i g_i(x) B_i A_i depends on the input through the gates. Returns model."""
+    for name, layer in moelora_layers(model):
+        if layer.config.num_experts != 1:
+            raise ValueError(f"cannot merge {name}: with {layer.config.num_experts} experts the gates depend on the "
+                             "input, so the adapter is no fixed matrix; only one expert (plain LoRA) merges")
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(layer.weight + (layer.scaling * layer.lora_B[0] @ layer.lora_A[0]).to(layer.weight.dtype))
+            if layer.bias is not None:
+                plain.bias.copy_(layer.bias)
+        if not name:  # the model is the adapted layer itself
+            return plain.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain.requires_grad_(False))
     return model

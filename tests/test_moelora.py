@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import moelora
 from moelora import (MoELoRAConfig, MoELoRALinear, balance_loss, contrastive_loss, inject_moelora,
                      load_moelora_state_dict, mark_only_moelora_as_trainable, merge_moelora,
-                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict, unmerge_moelora)
+                     moelora_aux_losses, moelora_routing_stats, moelora_state_dict)
 
 
 class TinyAttention(nn.Module):
@@ -413,22 +413,37 @@ def test_autocast_bf16_and_bf16_base_keep_fp32_adapters():
     assert not torch.equal(out, ref)  # the adapter contributed
 
 
-def test_merge_unmerge():
-    model = inject_moelora(TinyNet(), small_config(num_experts=1, top_k=1, r=3))
+def test_merge_folds_plain_lora_into_ordinary_linear_layers():
+    # for a user who trained --method lora (one expert) and wants a checkpoint any LLaMA runtime reads
+    base = TinyNet()
+    model = inject_moelora(copy.deepcopy(base), small_config(num_experts=1, top_k=1, r=3))
     randomize_B(model)
     model.eval()
     x = torch.randn(2, 5, 16)
-    unmerged = model(x)
-    w0 = model.layers[0].wq.weight.clone()
+    adapted = model(x)
     merge_moelora(model)
-    assert not torch.equal(model.layers[0].wq.weight, w0)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
-    merge_moelora(model)  # idempotent
-    unmerge_moelora(model)
-    torch.testing.assert_close(model.layers[0].wq.weight, w0, rtol=0, atol=1e-7)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+    assert not moelora.moelora_layers(model) and type(model.layers[0].wq) is nn.Linear
+    assert model.state_dict().keys() == base.state_dict().keys()  # an ordinary checkpoint again
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="gates depend on the input"):
         merge_moelora(inject_moelora(TinyNet(), small_config()))
+
+
+@pytest.mark.parametrize("experts", [1, 4])
+def test_adapter_dropout_applied_in_training_only(experts):
+    # dropout acts on the adapter's input, in training only: two training forwards differ, eval is deterministic
+    # and equals the adapter without dropout
+    cfg = small_config(num_experts=experts, top_k=min(2, experts), lora_dropout=0.5, balance_weight=0.0,
+                       contrastive_weight=0.0)
+    layer = MoELoRALinear(nn.Linear(16, 16), cfg)
+    randomize_B(layer)
+    x = torch.randn(3, 16)
+    no_dropout = MoELoRALinear(nn.Linear(16, 16), MoELoRAConfig(**{**vars(cfg), "lora_dropout": 0.0}))
+    no_dropout.load_state_dict(layer.state_dict())
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), no_dropout.eval()(x))
 
 
 def test_llama_from_model_py():

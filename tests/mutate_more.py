@@ -1,0 +1,59 @@
+"""The mutations of ../shared/tools/mutate_moelora.py whose text the batched losses rewrote, in today's words, and
+those of the behaviour that came with them. Each one breaks moelora.py in a copy of the project and runs its
+tests; a mutation that no test notices survives. Run from the project's root:
+
+    python tests/mutate_more.py
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
+    ("an anchor counted as its own positive",  # mutate_moelora.py's 5
+     "pos = (labels.unsqueeze(-1) == labels.unsqueeze(-2)) & ~self_mask", "pos = (labels.unsqueeze(-1) == labels.unsqueeze(-2))"),
+    ("contrastive temperature ignored",  # 6
+     "sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2) * temperature)", "sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))"),
+    ("balance loss without its factor N", "return num_experts * (f * P).sum(dim=-1)", "return (f * P).sum(dim=-1)"),  # 8
+    ("padding counted in the balance loss",  # 10
+     "cfg.num_experts, stacked_masks([i.real for i in inputs]))", "cfg.num_experts, None)"),
+    ("aux losses summed over layers instead of averaged", "torch.cat(values).mean() if values", "torch.cat(values).sum() if values"),
+    ("checkpoint rerun keeps its loss inputs",  # 14
+     "if not rerun:\n                self.loss_inputs = LossInputs(", "if True:\n                self.loss_inputs = LossInputs("),
+    ("contrastive pairs drawn again by every layer",
+     "self.drew_pairs = shared.drawn is None or shared.key != (M, k, S)", "self.drew_pairs = True"),
+    ("the layer that drew the pairs does not draw again in a checkpointing rerun",
+     "            if self.drew_pairs:\n                draw_pairs(M, k, S, real, self.lora_A.device)\n", ""),
+    ("the Gram matrices stacked in another order than the codes",
+     "widths = sorted({layer.out_features for layer in group})", "widths = sorted({layer.out_features for layer in group}, reverse=True)"),
+    ("padding's sampled pairs counted in the contrastive loss", "stacked_masks([i.codes_real for i in inputs]))", "None)"),
+]
+TESTS = ["tests/test_moelora.py", "tests/test_other_models.py"]
+
+
+def main():
+    survived = []
+    for i, (what, old, new) in enumerate(MUTATIONS, 1):
+        src = open("moelora.py").read()
+        if src.count(old) != 1:
+            print(f"{i:2d}. not applicable (text not found): {what}")
+            continue
+        work = tempfile.mkdtemp(prefix="mutate_")
+        try:
+            shutil.copytree(".", os.path.join(work, "p"), ignore=shutil.ignore_patterns("out*", ".git", "__pycache__"))
+            with open(os.path.join(work, "p", "moelora.py"), "w") as f:
+                f.write(src.replace(old, new))
+            code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *TESTS], cwd=os.path.join(work, "p"),
+                                  capture_output=True).returncode
+        finally:
+            shutil.rmtree(work)
+        print(f"{i:2d}. {'killed  ' if code else 'SURVIVED'} {what}", flush=True)
+        if not code:
+            survived.append(what)
+    print(f"survivors: {len(survived)}" + "".join(f"\n  {w}" for w in survived))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
