@@ -667,7 +667,7 @@ def merge_moelora(model):
     cannot be folded: its update sum_i g_i(x) B_i A_i depends on the input through the gates. Returns model."""
     for name, layer in moelora_layers(model):
         if layer.config.num_experts != 1:
-            raise ValueError(f"cannot merge {name}: with {layer.config.num_experts} experts the gates depend on the "
+            raise ValueError(f"cannot merge {name or 'the layer'}: with {layer.config.num_experts} experts the gates depend on the "
                              "input, so the adapter is no fixed matrix; only one expert (plain LoRA) merges")
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                           device=layer.weight.device, dtype=layer.weight.dtype)
