@@ -59,14 +59,27 @@ def test_benchmarks_page_code_runs_as_shown(monkeypatch, capsys):
     assert "dim 128: 8,008 bytes per token per block" in out
 
 
+DOCS = ("tutorial.md", "README.md", "tutorial/experiments.md", "benchmarks/README.md", "tests/README.md")
+
+
 def test_every_pointer_to_code_exists():
     # pointers written `file.py` → `Class.method` must name things that exist in that file
-    pointers = re.findall(r"`([\w/]+\.py)` *(?:→|->) *`([\w.]+)`", TUTORIAL.read_text())
+    pointers = [(doc, *p) for doc in DOCS
+                for p in re.findall(r"`([\w/]+\.py)` *(?:→|->) *`([\w.]+)`", (ROOT / doc).read_text())]
     assert len(pointers) >= 15
-    for path, name in pointers:
+    for doc, path, name in pointers:
         source = (ROOT / path).read_text()
         for part in name.split("."):
-            assert re.search(rf"(def|class) {part}\b|^{part} *=", source, flags=re.M), f"{path} has no {name}"
+            assert re.search(rf"(def|class) {part}\b|^{part} *=", source, flags=re.M), f"{doc}: {path} has no {name}"
+
+
+def test_every_relative_link_exists():
+    # [text](path) and ![figure](path) in the docs, relative to the page: a moved section must not leave one dangling
+    for doc in DOCS:
+        page = ROOT / doc
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (page.parent / target).exists(), f"{doc} links to {target}, which does not exist"
 
 
 def test_token_kinds():

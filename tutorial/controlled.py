@@ -15,7 +15,7 @@ cluster fit them exactly. Both limits are computed in closed form (floor_single,
 
 Contenders, on the same batches and the same initialisation seed (one seed = one teacher, one data stream,
 one init): the base alone; LoRA of rank N*r (MoELoRALinear with one expert, as train.py --method lora);
-MoELoRA N x r top-k with the defaults of section 11's time (contrastive 0.1, balance 0.01); the same without the
+MoELoRA N x r top-k with the defaults when this experiment first ran (contrastive 0.1, balance 0.01); the same without the
 contrastive loss; that one again with its routers frozen as drawn (the untrained-router control); and the
 default MoELoRA for three times the steps (is it only slower?).
 Trainable parameters: LoRA N*r*(2d); MoELoRA the same plus its router, N*d (counted and printed separately).
@@ -59,7 +59,7 @@ class Setup:
     experts: int = 4  # N
     r: int = 4  # rank per expert; LoRA gets N * r
     top_k: int = 2  # the project's default
-    contrastive_weight: float = 0.1  # section 11's runs: the project's default then (it is 0 since the trial)
+    contrastive_weight: float = 0.1  # the first runs' value: the project's default then (it is 0 since the trial)
     temperature: float = 0.1  # of the contrastive loss, either reading
     balance_weight: float = 0.01  # the project's default
     steps: int = 300
@@ -959,7 +959,7 @@ def main(argv=None):
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the figures go")
     p.add_argument("--no_figures", action="store_true", help="tables only (no matplotlib needed)")
     trial = p.add_argument_group("the contrastive-loss trial (tutorial/experiments.md)")
-    trial.add_argument("--trial", action="store_true", help="run the trial instead of section 11's experiment")
+    trial.add_argument("--trial", action="store_true", help="run the trial instead of the controlled experiment")
     trial.add_argument("--trial_dir", default="out/trial_synthetic", help="one JSON file per run: a rerun skips those")
     trial.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     trial.add_argument("--figure", default=None, help="the trial's forest plot into this PNG (needs matplotlib)")

@@ -1,5 +1,5 @@
 """
-The tables and figures of tutorial.md, from the files the runs of tutorial/runs.sh wrote.
+The tables and figures of tutorial/experiments.md, from the files the runs of tutorial/runs.sh wrote.
 
     python tutorial/plots.py [out/tutorial]            # print the tables; draw the figures into tutorial/
     python tutorial/plots.py out/tutorial --no_figures # the tables only (no matplotlib needed)

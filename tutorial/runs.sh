@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind tutorial.md's results (CPU, about 35 minutes on 2 cores):
+# The runs behind the results in tutorial/experiments.md (CPU, about 35 minutes on 2 cores):
 #   bash tutorial/runs.sh [out_root]        (default out/tutorial; data from --data_dir / MOELORA_DATA_DIR)
 # 1. the default job exactly as a user runs it, timed; it builds the built-in tiny base
 # 2. that base alone, graded; then on that base, for 3 seeds: LoRA rank 32, MoELoRA 8 x rank 4 top-2, MoELoRA without the

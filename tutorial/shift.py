@@ -19,7 +19,7 @@ adapters' initialisation, dropout and the contrastive samples):
   lora            --method lora --r 32
   lora_r8         --method lora --r 8: a control with a quarter of the parameters, the rank each token gets
                   from MoELoRA (2 experts of rank 4); MoELoRA between the two LoRAs says how much its routing buys
-  moelora         MoELoRA 8 x rank 4, top-2, contrastive weight 0.1, balance 0.01 (the defaults of section 12's time)
+  moelora         MoELoRA 8 x rank 4, top-2, contrastive weight 0.1, balance 0.01 (the defaults when this experiment first ran)
   moelora_cl0     the same, contrastive weight 0
   moelora_cl001   the same, contrastive weight 0.01 (section 6: its gradient can outweigh the LM's early on)
   moelora_warm    the same, contrastive weight 0.1 reached linearly over the first half (--contrastive_warmup)
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--figure", default=None, help="also draw the figure into this PNG (needs matplotlib)")
     trial = p.add_argument_group("the contrastive-loss trial, language-model tier (tutorial/experiments.md)")
-    trial.add_argument("--trial", action="store_true", help="run the trial instead of section 12's experiment")
+    trial.add_argument("--trial", action="store_true", help="run the trial instead of the shift experiment")
     trial.add_argument("--synthetic_summary", default="out/trial_synthetic/summary.json",
                        help="the synthetic tier's summary: where w* and tau* come from")
     trial.add_argument("--cl_weight", type=float, default=None, help="the moe_cl arm's weight instead of w*")
