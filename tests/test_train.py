@@ -486,6 +486,16 @@ def test_gpu_checklist_uses_flags_that_exist():
             assert flag in known, f"{name} has no {flag}"
 
 
+def test_the_docs_use_flags_that_exist(capsys):
+    # README.md and tutorial.md tell users what to type: every --flag they name must be one train.py takes
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    known = set(re.findall(r"--(\w+)", capsys.readouterr().out)) | {"nproc_per_node"}  # torchrun's
+    for doc in ("README.md", "tutorial.md"):
+        named = set(re.findall(r"(?<![\w-])--(\w+)", (ROOT / doc).read_text()))
+        assert named and not named - known, f"{doc} names flags train.py does not take: {sorted(named - known)}"
+
+
 def test_a_prompt_longer_than_the_context_is_cut_and_counted():
     # some commonsense prompts pass 800 tokens; stories260K reads 512: the prompt keeps its end and the answer room
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
