@@ -67,6 +67,11 @@ def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None)
     return model.eval()
 
 
+def read_model_args(path) -> ModelArgs:
+    """The checkpoint's architecture, from its config: no weight is read (the loaders below are lazy)."""
+    return open_checkpoint(Path(path))[0]
+
+
 def _default_dtype(tensor):
     return tensor.dtype if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 

@@ -3,7 +3,7 @@ A training run's plumbing, apart from its loops (train.py): which process this i
 out_dir and its files, checkpoints that resume exactly, and stopping on a signal without losing work.
 
     Run, setup_distributed, setup_precision, all_reduce_sum     the run's context: rank, device, precision
-    prepare_out_dir                                           never replace earlier work unasked
+    prepare_out_dir, move_results_aside                       never replace earlier work unasked
     save_checkpoint, resume_from_checkpoint, load_checkpoint  ckpt.pt: the trainable weights (adapters only,
                                                               or all for --method full), optimizer, scaler,
                                                               every process's RNG state, step, settings, and a
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,9 +116,25 @@ def prepare_out_dir(args, run: Run):
     if args.overwrite:
         for f in (ckpt, run.out_dir / "adapter.safetensors", log):
             f.unlink(missing_ok=True)
+        move_results_aside(run)
     elif log.exists():  # a run that stopped before its first checkpoint: keep its log aside, start a new one
         os.replace(log, log.with_name("metrics.jsonl.old"))
         run.log(f"moved the metrics.jsonl of an earlier run that saved no checkpoint to {log.with_name('metrics.jsonl.old')}")
+
+
+RESULT_FILES = ("metrics_*.json", "predictions_*.jsonl", "results_*.json", "results_*.md", "routing_*")
+
+
+def move_results_aside(run: Run):
+    """--overwrite: the earlier run's gradings move to out_dir/earlier_<time>/, so that no result file in out_dir
+    can be mistaken for the new run's, and none is lost."""
+    earlier = [f for pattern in RESULT_FILES for f in sorted(run.out_dir.glob(pattern)) if f.is_file()]
+    if earlier:
+        aside = run.out_dir / time.strftime("earlier_%Y%m%d-%H%M%S")
+        aside.mkdir(exist_ok=True)
+        for f in earlier:
+            os.replace(f, aside / f.name)
+        run.log(f"--overwrite: moved the earlier run's {len(earlier)} result files to {aside}")
 
 
 def atomic_save(obj, path: Path):

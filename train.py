@@ -8,8 +8,8 @@ Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task
     python train.py --task gsm8k --model ... --eval_only          # grade out_dir/ckpt.pt (or the bare base)
     python train.py --help                                        # every flag and its default
 
-Two presets hold the defaults that depend on the model's size: tiny (no --model, or a tiny base built here) and
-llama-7b (any other --model); see PRESETS below. Flags given on the command line win.
+Two presets hold the defaults that depend on the model's size: tiny for a base under 100M parameters (the built-in
+one, stories260K) and llama-7b above; see PRESETS below. Flags given on the command line win.
 
 Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step), then
 evaluation. The plumbing that is not a loop lives beside this file: runs.py (processes, precision, out_dir,
@@ -23,7 +23,7 @@ import random
 import re
 import signal
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +32,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.grading import extract_answer, is_correct
+from data.grading import EVAL_KINDS, answer_reader, infer_kind
 from data.mixtures import format_mixture_report, load_benchmarks, load_mixture, overlaps
 from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
-from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
+from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_eval_file, load_split
+from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
 from moelora import (MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_routing_stats, moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, catch_stop_signals, load_checkpoint, prepare_out_dir,
                   resume_from_checkpoint, save_checkpoint, setup_distributed, setup_precision, stop_non_finite,
                   stop_requested)
-from tiny_base import build_tiny_base, is_tiny_base, tiny_base_dir
+from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_dir
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ PRESETS = {
     "llama-7b": dict(lr=3e-4, epochs=3, max_steps=None, warmup_steps=100, batch_size=16, micro_batch_size=4,
                      max_seq_len=512, eval_batch_size=16, max_new_tokens=256),
 }
+SMALL_BASE = 100e6  # parameters: a smaller base gets the tiny preset, a larger one llama-7b's
 
 
 def preset_default(key: str) -> str:
@@ -108,19 +110,25 @@ def parse_args(argv=None):
     a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
+    a("--eval_file", default=None, help="your own test set, graded instead of the task's benchmarks (add --eval_tasks to grade those too): --train_file's format with an answer per record")
+    a("--eval_kind", default=None, choices=EVAL_KINDS, help="how --eval_file is graded: the last number, one of its answer labels, or exact text (default: inferred from its answers, and printed)")
     a("--eval_only", action="store_true", help="no training: grade out_dir/ckpt.pt if it exists, else the base model")
     a("--eval_limit", type=int, default=None, help="grade only the first N test examples")
     a("--eval_batch_size", type=int, default=None, help="prompts per generation batch " + preset_default("eval_batch_size"))
     a("--max_new_tokens", type=int, default=None, help="generation budget per answer " + preset_default("max_new_tokens"))
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
-    a("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint (it and metrics.jsonl are replaced)")
+    a("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint: it and metrics.jsonl are replaced, earlier result files move to out_dir/earlier_<time>/")
     a("--stop_after", type=int, default=None, help="stop (resumably) after this many steps in this session, e.g. for a time-limited job")
     a("--log_interval", type=int, default=10, help="steps between log lines (default %(default)s)")
     a("--save_interval", type=int, default=100, help="steps between checkpoints, and one at the end (default %(default)s)")
     a("--seed", type=int, default=1337, help="batch order, adapter initialisation, dropout (default %(default)s)")
     args = p.parse_args(argv)
+    with torch.device("meta"):  # the base's shape from its config alone, before any weight is read
+        base = Transformer(TINY_MODEL if args.model is None else model_args(args.model))
+    n_params = sum(p.numel() for p in base.parameters())
+    args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters" + (" (given)" if args.preset else "")
     if args.preset is None:
-        args.preset = "tiny" if args.model is None or is_tiny_base(args.model) else "llama-7b"
+        args.preset = "tiny" if n_params < SMALL_BASE else "llama-7b"
     args.from_preset = [key for key, value in PRESETS[args.preset].items() if getattr(args, key) is None]
     for key in args.from_preset:
         setattr(args, key, PRESETS[args.preset][key])
@@ -128,11 +136,18 @@ def parse_args(argv=None):
         args.r = adapter.num_experts * adapter.r if args.method == "lora" else adapter.r
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.r
-    check_args(args)
+    check_args(args, base)
     return args
 
 
-def check_args(args):
+def model_args(model_path):
+    try:
+        return read_model_args(model_path)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise SystemExit(f"error: cannot load --model {model_path}: {e}")
+
+
+def check_args(args, base):
     """Every value that cannot work, found before any expensive work: one line naming the flag, the value and the fix.
     The adapter's settings are checked by MoELoRAConfig itself, whose messages name its fields: the flags of the
     same names."""
@@ -149,8 +164,12 @@ def check_args(args):
     except ValueError as e:  # "MoELoRAConfig: top_k 9 must be ..." -> "--top_k 9 must be ..."
         flags = "|".join(f.name for f in fields(MoELoRAConfig))
         problems.append(re.sub(rf"\b({flags})\b", r"--\1", str(e).removeprefix("MoELoRAConfig: ")))
+    else:
+        problems += target_problems(args, base)
     if args.micro_batch_size > args.batch_size > 0:
         problems.append(f"--micro_batch_size {args.micro_batch_size} must be at most --batch_size {args.batch_size}")
+    if args.eval_kind and not args.eval_file:
+        problems.append(f"--eval_kind {args.eval_kind} grades an --eval_file: give one, or leave out --eval_kind")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: continue the run, or start it over")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,6 +177,19 @@ def check_args(args):
                         "use --device cpu, or install a CUDA build of torch")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def target_problems(args, base) -> list:
+    """--target_modules checked on the base built on the meta device: before a tiny base is pretrained or 7B loaded."""
+    if args.method == "full":
+        return []
+    try:
+        inject_moelora(base, moelora_config_from(args))
+    except ValueError as e:
+        meta_names = {hf.split(".")[1]: ours.split(".")[1] for hf, ours in HF_NAMES.items() if "proj" in hf}
+        return [str(e).replace("target_modules", "--target_modules", 1) + ". model.py uses Meta's names; Hugging Face's are "
+                + ", ".join(f"{hf} -> {ours}" for hf, ours in meta_names.items())]
+    return []
 
 
 def moelora_config_from(args) -> MoELoRAConfig:
@@ -186,14 +218,14 @@ def main(argv=None):
     if args.batch_size % (world_size * args.micro_batch_size):
         raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch_size "
                          f"{args.micro_batch_size} x {world_size} process(es)")
-    run.log(f"preset {args.preset}" + ("" if args.preset == "tiny" else f" (--model {args.model})")
-            + ": " + ", ".join(f"{k} {getattr(args, k)}" for k in PRESETS[args.preset]))
+    run.log(f"preset {args.preset} ({args.preset_why}; --preset chooses): "
+            + ", ".join(f"{k} {getattr(args, k)}" for k in PRESETS[args.preset]))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed + rank)
 
     data_dir = find_data_dir(args.data_dir)
-    tests, missing = load_tests(args, data_dir)
+    tests, missing = load_tests(args, run, data_dir)
     train_examples = [] if args.eval_only else load_training_examples(args, run, data_dir, tests)
     if args.eval_limit:
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
@@ -217,18 +249,22 @@ def main(argv=None):
             model = torch.compile(model)
         if world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        if not train(args, run, model, raw_model, tok, train_set):
+        step = train(args, run, model, raw_model, tok, train_set)
+        if step is None:
             return None
     elif (run.out_dir / "ckpt.pt").exists():
-        ckpt = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, base_fingerprint(raw_model))
-        run.log(f"evaluating {run.out_dir / 'ckpt.pt'} (step {ckpt['step']})")
+        step = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, base_fingerprint(raw_model))["step"]
+        run.log(f"evaluating {run.out_dir / 'ckpt.pt'} (step {step})")
     else:
+        step = 0
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
-    # every process grades a share of each benchmark; rank 0 writes the files
-    results = {task: grade_benchmark(args, run, raw_model, tok, task, examples) for task, examples in tests.items()}
+    # every process grades a share of each benchmark; rank 0 writes the files, each saying what it graded
+    record = {"step": step, "base": args.base, "model": args.model or "built-in tiny", "method": args.method,
+              "adapter": None if args.method == "full" else asdict(moelora_config_from(args))}
+    results = {task: grade_benchmark(args, run, raw_model, tok, task, examples, record) for task, examples in tests.items()}
     if len(tests) > 1 or missing:
-        write_results(args.task, args, run, results, missing)
+        write_results(args.task, args, run, results, missing, record)
     if args.method == "moelora" and len(tests) > 1:
         run.log(f"which experts each benchmark's questions go to: python tutorial/routing_per_task.py {run.out_dir}")
     if world_size > 1:
@@ -244,24 +280,37 @@ class TrainSet:
     names: list  # the sources: one task, a training file, or the tasks of a family's mixture
 
 
-def load_tests(args, data_dir):
+def load_tests(args, run: Run, data_dir):
     """({benchmark: test examples}, {benchmark: why it is missing}), whole: --eval_limit applies after the training
     set is checked against them. A single --task must be there; of a family or an --eval_tasks list, a benchmark
     whose file is absent is reported, and the others are graded."""
     family = FAMILIES.get(args.task)
-    benchmarks = args.eval_tasks.split(",") if args.eval_tasks else list(family or [args.task])
+    benchmarks = args.eval_tasks.split(",") if args.eval_tasks else [] if args.eval_file else list(family or [args.task])
     unknown = [b for b in benchmarks if b not in ALL_TASKS]
     if unknown:
         raise SystemExit(f"error: --eval_tasks: unknown benchmark(s) {', '.join(unknown)}; the benchmarks are: "
                          f"{', '.join(ALL_TASKS)}")
-    if len(benchmarks) == 1 and not family:
-        try:
+    try:
+        if len(benchmarks) == 1 and not family:
             tests, missing = {benchmarks[0]: load_split(benchmarks[0], "test", data_dir)}, {}
-        except DataError as e:
-            raise SystemExit(f"error: {e}")
-    else:
-        tests, missing = load_benchmarks(benchmarks, data_dir)
+        else:
+            tests, missing = load_benchmarks(benchmarks, data_dir)
+        if args.eval_file:
+            own = load_eval_file(args.eval_file)
+            if eval_name(args) in tests:
+                raise DataError(f"--eval_file {args.eval_file} has the name of a benchmark also graded: rename the file")
+            tests[eval_name(args)] = own
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if args.eval_file and args.eval_kind is None:
+        args.eval_kind, why = infer_kind([ex["answer"] for ex in own])
+        run.log(f"--eval_file {args.eval_file} is graded as --eval_kind {args.eval_kind}: {why}")
     return tests, missing
+
+
+def eval_name(args) -> str:
+    """The name of --eval_file's results: the file's name without its extension."""
+    return Path(args.eval_file).stem
 
 
 def load_training_examples(args, run: Run, data_dir, tests: dict) -> list:
@@ -334,13 +383,16 @@ def load_base(args, run: Run, model_path, dtype):
 # -----------------------------------------------------------------------------------------------------
 # training
 
-def train(args, run: Run, model, raw_model, tok, train_set) -> bool:
-    """Train until --max_steps / --epochs (or --stop_after); True when the run is complete."""
+def train(args, run: Run, model, raw_model, tok, train_set):
+    """Train until --max_steps / --epochs (or --stop_after); the last step when the run is complete, else None."""
     n_examples = len(train_set.pairs)
     steps_per_epoch = len(batch_order(n_examples, args.batch_size, 0, args.seed))
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {n_examples} training examples is fewer than one batch of {args.batch_size}")
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    if args.warmup_steps >= total_steps:
+        run.log(f"WARNING: --warmup_steps {args.warmup_steps} reaches the run's {total_steps} steps: the learning rate "
+                f"never gets to --lr {args.lr} (it ends at {get_lr(total_steps - 1, args.lr, args.warmup_steps, total_steps):.3g})")
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=run.device.startswith("cuda"))
@@ -399,7 +451,8 @@ def train(args, run: Run, model, raw_model, tok, train_set) -> bool:
     bar.close()
     if step < total_steps:
         run.log(f"stopped after step {step} of {total_steps} (--stop_after); continue with --resume")
-    return step == total_steps
+        return None
+    return step
 
 
 def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
@@ -540,24 +593,26 @@ def per_source_losses(run: Run, names: list, per_source):
 COMMONSENSE_NEW_TOKENS = 32  # LLM-Adapters' commonsense_evaluate.py: the answer is one word
 
 
-def grade_benchmark(args, run: Run, model, tok, task: str, examples) -> dict:
+def grade_benchmark(args, run: Run, model, tok, task: str, examples, record: dict) -> dict:
     """Accuracy (and, for GSM8K, the answer loss) on one benchmark; rank 0 writes its predictions and metrics."""
     model.eval()
     # only GSM8K's test set has written reference solutions; the LLM-Adapters files' "output" fields were
-    # generated by a model, so no answer loss is reported for the other benchmarks
-    loss = answer_loss(args, run, model, tok, examples) if task == "gsm8k" else None
+    # generated by a model, so no answer loss is reported for the other benchmarks. Your own file's are yours
+    own = args.eval_file is not None and task == eval_name(args)
+    with_outputs = task == "gsm8k" or (own and all(ex["output"].strip() for ex in examples))
+    loss = answer_loss(args, run, model, tok, examples) if with_outputs else None
     responses, n_cut = generate_responses(args, run, model, tok, task, examples)
-    graded = [is_correct(task, text, ex["answer"]) for ex, text in zip(examples, responses)]
-    metrics = {"task": task, "accuracy": sum(graded) / len(examples), "correct": sum(graded), "n": len(examples),
+    extract, correct = answer_reader(args.eval_kind if own else task, [ex["answer"] for ex in examples])
+    right = [correct(text, ex["answer"]) for ex, text in zip(examples, responses)]
+    metrics = {"task": task, "accuracy": sum(right) / len(examples), "correct": sum(right), "n": len(examples),
                "answer_loss": loss, "answer_perplexity": math.exp(loss) if loss is not None else None,
-               "prompts_cut": n_cut,
-               "model": args.model or "built-in tiny", "method": args.method}
+               "prompts_cut": n_cut, "graded_as": args.eval_kind if own else task, **record}
     predictions = run.out_dir / f"predictions_{graded_name(task, args)}.jsonl"
     if run.rank == 0:
         with open(predictions, "w") as f:
-            for ex, text, ok in zip(examples, responses, graded):
-                f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted":
-                                    extract_answer(task, text), "answer": ex["answer"], "correct": ok}) + "\n")
+            for ex, text, ok in zip(examples, responses, right):
+                f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted": extract(text),
+                                    "answer": ex["answer"], "correct": ok}) + "\n")
         (run.out_dir / f"metrics_{graded_name(task, args)}.json").write_text(json.dumps(metrics, indent=2))
     loss_text = f", answer loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else ""
     cut_text = f" ({n_cut} prompts longer than the context allows lost their beginning)" if n_cut else ""
@@ -641,13 +696,12 @@ def results_table(name: str, args, results: dict, missing: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, args, run: Run, results: dict, missing: dict):
+def write_results(name: str, args, run: Run, results: dict, missing: dict, record: dict):
     """results_<name>.json and .md in out_dir (rank 0), and the table in the log."""
     table = results_table(name, args, results, missing)
     graded = [r["accuracy"] for r in results.values()]
     if run.rank == 0:
-        summary = {"task": name, "model": args.model or "built-in tiny", "method": args.method,
-                   "benchmarks": results, "missing": missing,
+        summary = {"task": name, **record, "benchmarks": results, "missing": missing,
                    "average_accuracy": sum(graded) / len(graded) if graded else None}
         (run.out_dir / f"results_{graded_name(name, args)}.json").write_text(json.dumps(summary, indent=2))
         (run.out_dir / f"results_{graded_name(name, args)}.md").write_text(table + "\n")

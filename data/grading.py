@@ -16,6 +16,12 @@ Pass only the generated response, never the prompt: the prompt holds numbers, th
 "Answer format: answer1/answer2/...", and LLM-Adapters grades the text after "### Response:". (HellaSwag's
 prompt writes its choices "Ending1: ..."; only the lower-case "ending1" of a response counts.)
 
+Your own test file (train.py --eval_file) is graded by one of three kinds, given (--eval_kind) or inferred from its
+answers (infer_kind):
+    number  as math: the last number, within 0.001
+    choice  the FIRST of the file's answer labels that the response names as a whole word ("B", "yes", "positive")
+    text    exact match after lower-casing, collapsing spaces and dropping a final full stop (the fallback)
+
 Faithful quirks, kept on purpose because the published numbers were computed with them:
 - the AQuA rule takes any capital A-E, also inside a word: "Each ..." reads as E, "A: ..." as A;
 - the number regex reads ".5" as 5 and "1/2" as the two numbers 1 and 2 (the last, 2, is taken);
@@ -61,3 +67,60 @@ def is_correct(task: str, text: str, gold: str) -> bool:
     if task in NUMBER_TASKS:
         return abs(float(predicted) - float(str(gold).replace(",", ""))) <= TOLERANCE
     return predicted == gold
+
+
+# -----------------------------------------------------------------------------
+# your own test file: graded by kind
+
+EVAL_KINDS = ("number", "choice", "text")
+MAX_CHOICES = 10  # more distinct answers than this are no multiple choice
+
+
+def is_number(text: str) -> bool:
+    return re.fullmatch(r"-?\d+\.?\d*", str(text).strip().replace(",", "")) is not None
+
+
+def infer_kind(answers: list) -> tuple:
+    """(kind, why) for a test file whose answers are these strings."""
+    if all(is_number(a) for a in answers):
+        return "number", "every answer is a number"
+    labels = set(answers)
+    if len(labels) <= MAX_CHOICES and len(labels) < len(answers) and all(len(a.split()) == 1 for a in labels):
+        return "choice", f"the answers are {len(labels)} one-word labels ({', '.join(sorted(labels))})"
+    return "text", f"{len(labels)} distinct answers, not all numbers nor a few labels: exact match"
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(str(text).lower().split()).rstrip(".")
+
+
+def extract_own(kind: str, text: str, choices=()):
+    """The answer a response gives under a kind of EVAL_KINDS; choices: the labels of a choice file."""
+    if kind == "number":
+        return extract_answer("gsm8k", text)
+    if kind == "choice":
+        # longest labels first, so that "answer10" is not read as "answer1"
+        labels = "|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True))
+        match = re.search(rf"(?<!\w)({labels})(?!\w)", text) if labels else None
+        return match.group(0) if match else None
+    if kind == "text":
+        return normalize_text(text)
+    raise ValueError(f"unknown kind {kind!r}; the kinds are: {', '.join(EVAL_KINDS)}")
+
+
+def is_correct_own(kind: str, text: str, gold: str, choices=()) -> bool:
+    predicted = extract_own(kind, text, choices)
+    if predicted is None:
+        return False
+    if kind == "number":
+        return abs(float(predicted) - float(str(gold).replace(",", ""))) <= TOLERANCE
+    return predicted == (normalize_text(gold) if kind == "text" else gold)
+
+
+def answer_reader(rule: str, answers=()):
+    """(extract(text), correct(text, gold)) for a task of ALL_TASKS or a kind of EVAL_KINDS, whose choice labels
+    are the distinct gold answers."""
+    if rule not in EVAL_KINDS:
+        return (lambda text: extract_answer(rule, text)), (lambda text, gold: is_correct(rule, text, gold))
+    choices = sorted(set(answers))
+    return (lambda text: extract_own(rule, text, choices)), (lambda text, gold: is_correct_own(rule, text, gold, choices))

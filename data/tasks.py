@@ -241,6 +241,19 @@ def load_train_file(train_file) -> list:
     return convert(read_records(path, ("instruction", "output")), path, adapters_example)
 
 
+def load_eval_file(eval_file) -> list:
+    """Your own test set: the --train_file format with an "answer" on every record (what grading compares with);
+    an "output" (a reference response) is optional and gives the answer loss."""
+    path = Path(eval_file)
+    if not path.is_file():
+        raise DataError(f"--eval_file {path.resolve()} not found")
+    examples = convert(read_records(path, ("instruction", "answer")), path, adapters_example)
+    empty = [i for i, ex in enumerate(examples) if not ex["answer"].strip()]
+    if empty:
+        raise DataError(f"{path}: record {empty[0]} has an empty answer ({len(empty)} records do): grading needs one")
+    return examples
+
+
 def load_split(task: str, split: str, data_dir=None, train_file=None) -> list:
     """The examples of a task's "train" or "test" split; train_file, when given, replaces the train split."""
     check_task(task)

@@ -220,6 +220,26 @@ def test_grading_rules():
         extract_answer("squad", "ending1")
 
 
+def test_own_file_kinds():
+    # inferred from the gold answers; each kind reads the response its own way
+    assert grading.infer_kind(["72", "-1.5", "1,080"])[0] == "number"
+    assert grading.infer_kind(["yes", "no", "yes"])[0] == "choice"
+    assert grading.infer_kind(["B", "A", "C", "A"])[0] == "choice"
+    assert grading.infer_kind(["Paris", "Rome"])[0] == "text"  # every answer distinct: no labels to choose from
+    assert grading.infer_kind(["the Seine", "the Seine"])[0] == "text"  # more than one word
+    extract, correct = grading.answer_reader("number", ["72"])
+    assert extract("so 1,000 - 7 = 993.") == "993" and correct("The answer is 72.", "72")
+    extract, correct = grading.answer_reader("choice", ["A", "B", "C"])
+    assert extract("I think B, not A") == "B" and extract("Because") is None  # whole words only: no AQuA quirk
+    assert correct("(C)", "C") and not correct("C or A", "A")  # the first label named is the answer
+    extract, _ = grading.answer_reader("choice", ["answer1", "answer10"])
+    assert extract("answer10") == "answer10"
+    _, correct = grading.answer_reader("text", ["Paris"])
+    assert correct("  paris. ", "Paris") and not correct("Paris, France", "Paris")
+    _, correct = grading.answer_reader("gsm8k")  # a task's own rule
+    assert correct("The answer is 1080.", "1,080")
+
+
 def test_hellaswag_grading(tmp_path, monkeypatch):
     # no hellaswag file here: one record in LLM-Adapters' format, "downloaded" from nowhere
     def fake_download(url, dest):

@@ -82,9 +82,28 @@ def test_built_in_tiny_base_is_built_then_reused(tmp_path, capsys):
     train.main(argv + ["--eval_only"])
     out = capsys.readouterr()
     assert "reusing" in out.out + out.err and (base / "consolidated.00.pth").stat().st_mtime_ns == stamp
-    # the built base, given back as --model, keeps the tiny preset; any other checkpoint gets llama-7b's
+    # the built base, given back as --model, keeps the tiny preset
     assert train.parse_args(["--model", str(base)]).preset == "tiny"
-    assert train.parse_args(["--model", str(shared_path("models/stories260K-hf"))]).preset == "llama-7b"
+
+
+def test_the_preset_follows_the_size_of_the_base(tmp_path):
+    # read from the checkpoint's config before any weight: stories260K (0.3M) gets tiny's short run at its lr,
+    # a LLaMA-7B-shaped checkpoint llama-7b's; --preset still chooses
+    args = train.parse_args(["--model", str(shared_path("models/stories260K-hf"))])
+    assert args.preset == "tiny" and args.preset_why == "the base has 0.3M parameters"
+    seven_b = tmp_path / "7b"
+    seven_b.mkdir()
+    (seven_b / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256,
+                                                     "norm_eps": 1e-5, "vocab_size": -1}))
+    torch.save({"tok_embeddings.weight": torch.zeros(32000, 1)}, seven_b / "consolidated.00.pth")  # the shape is read
+    args = train.parse_args(["--model", str(seven_b)])
+    assert args.preset == "llama-7b" and args.preset_why == "the base has 6,738.4M parameters" and args.lr == 3e-4
+    assert train.parse_args(["--model", str(seven_b), "--preset", "tiny"]).lr == 3e-3
+
+
+def test_warm_up_longer_than_the_run_is_warned(tmp_path, capsys):
+    train.main(small_run(tmp_path, "--max_steps", "2", "--warmup_steps", "5", "--eval_limit", "1", "--max_new_tokens", "1"))
+    assert "WARNING: --warmup_steps 5 reaches the run's 2 steps" in capsys.readouterr().out
 
 
 def test_settings_have_one_source_and_help_states_them(capsys):
@@ -319,6 +338,9 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     (["--lora_dropout", "1"], "--lora_dropout 1.0 must be in"), (["--resume", "--overwrite"], "contradict"),
     (["--micro_batch_size", "32", "--batch_size", "16"], "--micro_batch_size 32 must be at most --batch_size 16"),
     (["--contrastive_warmup", "-1"], "--contrastive_warmup -1 must be >= 0"),
+    (["--target_modules", "q_proj,v_proj"], "--target_modules ['q_proj', 'v_proj'] match no nn.Linear"),
+    (["--target_modules", "q_proj"], "Hugging Face's are q_proj -> wq, k_proj -> wk, v_proj -> wv"),
+    (["--eval_kind", "number"], "--eval_kind number grades an --eval_file"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_work(flags, message):
     with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}"):
@@ -376,6 +398,13 @@ def test_a_checkpoint_is_never_replaced_unasked(tmp_path, capsys):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     train.main(small_run(tmp_path, "--max_steps", "1", "--eval_limit", "2", "--max_new_tokens", "2", "--overwrite"))
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    # the earlier run's results moved aside, not mixed with the new run's; each result file says what it graded
+    aside, = tmp_path.glob("earlier_*")
+    assert {f.name for f in aside.iterdir()} == {"metrics_gsm8k_first2.json", "predictions_gsm8k_first2.jsonl"}
+    assert json.loads((aside / "metrics_gsm8k_first2.json").read_text())["step"] == 2
+    metrics = json.loads((tmp_path / "metrics_gsm8k_first2.json").read_text())
+    assert metrics["step"] == 1 and metrics["base"] == str(shared_path("models/stories260K-hf"))
+    assert metrics["adapter"]["num_experts"] == 4 and metrics["adapter"]["target_modules"] == ["wq", "wv"]
     # grading a subset writes files of its own: the full grading's are not replaced
     (tmp_path / "metrics_gsm8k.json").write_text("full grading")
     train.main(small_run(tmp_path, "--eval_only", "--eval_limit", "1", "--max_new_tokens", "1"))
@@ -507,3 +536,29 @@ def test_a_prompt_longer_than_the_context_is_cut_and_counted():
     assert len(train.eval_prompt_tokens(tok, examples[0])) > 512
     responses, n_cut = train.generate_responses(args, run, model, tok, "boolq", examples)
     assert n_cut == 1 and len(responses) == 2
+
+
+def test_your_own_test_file_is_graded_by_its_kind(tmp_path, capsys):
+    # --eval_file takes --train_file's records with an answer; the kind is inferred (and printed) or given
+    numbers = tmp_path / "my_numbers.json"
+    numbers.write_text(json.dumps([{"instruction": f"What is {i} + 1?", "output": f"The answer is {i + 1}.",
+                                    "answer": str(i + 1)} for i in range(3)]))
+    def grade(*flags):  # the base with its no-op adapters: the grading is what is tested
+        return train.main([a for a in small_run(tmp_path / "out", "--eval_only", "--max_new_tokens", "3") if a != "--eval_limit"
+                           and a != "6"] + list(flags))
+    grade("--eval_file", str(numbers))
+    assert "graded as --eval_kind number: every answer is a number" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out" / "metrics_my_numbers.json").read_text())
+    assert metrics["n"] == 3 and metrics["graded_as"] == "number" and metrics["answer_loss"] > 0  # outputs: a loss
+    assert not (tmp_path / "out" / "metrics_gsm8k.json").exists()  # instead of the task's benchmark
+    predictions = [json.loads(l) for l in (tmp_path / "out" / "predictions_my_numbers.jsonl").read_text().splitlines()]
+    assert [p["answer"] for p in predictions] == ["1", "2", "3"]
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([{"instruction": f"Is {i} even?", "answer": ["yes", "no"][i % 2]} for i in range(4)]))
+    grade("--eval_file", str(labels), "--eval_tasks", "gsm8k", "--eval_limit", "2")
+    assert "graded as --eval_kind choice: the answers are 2 one-word labels (no, yes)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results_gsm8k_first2.json").read_text())
+    assert set(results["benchmarks"]) == {"gsm8k", "labels"} and results["benchmarks"]["labels"]["answer_loss"] is None
+    with pytest.raises(SystemExit, match="labels.json: record 0 lacks answer"):
+        labels.write_text(json.dumps([{"instruction": "Is 1 even?", "output": "no"}]))
+        grade("--eval_file", str(labels))
