@@ -281,7 +281,7 @@ class KVCache:
     def __init__(self, model: Transformer, batch_size: int, max_len: int):
         a = model.args
         n_kv, hd = a.n_kv_heads or a.n_heads, a.dim // a.n_heads
-        w = model.layers[0].attention.wk.weight
+        w = model.tok_embeddings.weight  # not a projection's: that may be int8 (quantize.py)
         dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
         shape = (a.n_layers, batch_size, n_kv, max_len, hd)
         self.k = torch.zeros(shape, dtype=dtype, device=w.device)

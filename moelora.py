@@ -218,20 +218,23 @@ def in_backward_pass() -> bool:
 class MoELoRALinear(nn.Module):
     """y = W0 x + b + scaling * sum_{i in top-k} g_i(x) B_i A_i dropout(x), with W0 and b frozen.
 
-    The wrapped layer's weight and bias are registered here under the same names, so `.weight`, `.bias`,
-    `in_features`, `out_features` read as before and the model's state-dict keys do not change.
+    The wrapped nn.Linear's weight and bias are registered here under the same names, so `.weight`, `.bias`,
+    `in_features`, `out_features` read as before and the model's state-dict keys do not change. A frozen base that is
+    no nn.Linear but computes W0 x (a quantised linear: quantize.py's Int8Linear) is kept whole as the child
+    `base_layer` and called; `.weight` and `.bias` are then None, and its keys gain ".base_layer".
     Adapters and router are float32 whatever the base dtype; the input is cast to them and the output back.
     """
 
-    def __init__(self, base: nn.Linear, config: MoELoRAConfig):
+    def __init__(self, base: nn.Module, config: MoELoRAConfig):
         super().__init__()
         self.config = config
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        plain = isinstance(base, nn.Linear)
+        self.base_layer = None if plain else base.requires_grad_(False)
+        self.weight, self.bias = (base.weight, base.bias) if plain else (None, None)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
         N, r, device = config.num_experts, config.r, base.weight.device
         self.scaling = config.lora_alpha / r
         # all experts stacked: no Python loop over experts in forward
@@ -282,7 +285,7 @@ class MoELoRALinear(nn.Module):
         return self.token_mask.reshape(-1)
 
     def forward(self, x):
-        result = F.linear(x, self.weight, self.bias)
+        result = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         # Under activation checkpointing this forward runs a second time inside backward. That rerun must redo the
         # operations whose outputs the losses use (it has to save for backward what the first run saved) but must
         # not keep them: held here, each rerun layer's graph would stay alive until the next step.
@@ -355,6 +358,18 @@ def moelora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELoRALinear)]
 
 
+def adapter_parameters(layer: MoELoRALinear):
+    """(name, parameter) of what trains in a MoELoRALinear: lora_A, lora_B and the router, never the frozen base."""
+    return [(name, p) for name, p in layer.named_parameters() if name.split(".")[0] in ("lora_A", "lora_B", "router")]
+
+
+def is_linear(module) -> bool:
+    """What inject_moelora can wrap: an nn.Linear, or a frozen stand-in for one (a quantised linear such as
+    quantize.py's Int8Linear): a module with in_features and out_features and no parameter that trains."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")
+                                             and not any(p.requires_grad for p in module.parameters()))
+
+
 # PyTorch modules that use a child nn.Linear's weight without calling the child: an adapter there would never run.
 # (parent type, child name) -> why, and what to do instead. nn.TransformerEncoderLayer's linear1/linear2 are not
 # here: its inference fast path skips them too, but inject_moelora switches that path off (keep_off_fast_path).
@@ -375,7 +390,8 @@ def keep_off_fast_path(module, args):
 
 
 def inject_moelora(model, config: MoELoRAConfig):
-    """Replace, in place, every nn.Linear whose attribute name is in config.target_modules. Returns model.
+    """Replace, in place, every nn.Linear (or frozen quantised linear, see is_linear) whose attribute name is in
+    config.target_modules. Returns model.
 
     Names match the last component of the module path: "wq" matches "layers.0.attention.wq".
     Only layers that their parent calls as modules can be adapted. Inside PyTorch's own modules:
@@ -390,7 +406,7 @@ def inject_moelora(model, config: MoELoRAConfig):
     found, linear_names, refused = [], set(), []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
+            if is_linear(child):
                 linear_names.add(name)
                 if name in config.target_modules:
                     found.append((parent, name, child))
@@ -403,8 +419,8 @@ def inject_moelora(model, config: MoELoRAConfig):
         if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
             hint = ("; nn.MultiheadAttention keeps its q, k, v projections in one in_proj_weight Parameter, not in "
                     "nn.Linear layers, so they cannot be adapted")
-        raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its nn.Linear names are "
-                         f"{sorted(linear_names)}{hint}")
+        raise ValueError(f"target_modules {missing} match no nn.Linear (nor frozen quantised linear) in the model; "
+                         f"its linear layers' names are {sorted(linear_names)}{hint}")
     if refused:
         raise ValueError("cannot adapt " + "; ".join(refused) + ". An adapter there would never run and its "
                          "parameters would never train. Leave these names out of target_modules (in "
@@ -428,8 +444,8 @@ def mark_only_moelora_as_trainable(model):
     for p in model.parameters():
         p.requires_grad = False
     for _, layer in moelora_layers(model):
-        for p in layer.parameters(recurse=True):
-            p.requires_grad = p is not layer.weight and p is not layer.bias  # all but the frozen base
+        for _, p in adapter_parameters(layer):  # all but the frozen base
+            p.requires_grad = True
     return model
 
 
@@ -444,9 +460,8 @@ def moelora_state_dict(model):
     """Adapter and router weights only (detached), plus "moelora_config": the config as a plain dict."""
     sd = {}
     for name, layer in moelora_layers(model):
-        for key, p in layer.named_parameters():
-            if p is not layer.weight and p is not layer.bias:  # lora_A, lora_B, router.weight (N > 1)
-                sd[f"{name}.{key}"] = p.detach().clone()
+        for key, p in adapter_parameters(layer):  # lora_A, lora_B, router.weight (N > 1)
+            sd[f"{name}.{key}"] = p.detach().clone()
     sd["moelora_config"] = asdict(moelora_config(model))
     return sd
 
@@ -666,6 +681,10 @@ def merge_moelora(model):
     LoRA (--method lora: one expert) and wants an ordinary checkpoint that any LLaMA runtime reads. A mixture
     cannot be folded: its update sum_i g_i(x) B_i A_i depends on the input through the gates. Returns model."""
     for name, layer in moelora_layers(model):
+        if layer.base_layer is not None:
+            raise ValueError(f"cannot merge {name or 'the layer'}: its base is quantised ({type(layer.base_layer).__name__}), "
+                             "and rounding the sum to int8 would lose the adapter; load the unquantised base, "
+                             "load_moelora the adapter onto it, then merge_moelora")
         if layer.config.num_experts != 1:
             raise ValueError(f"cannot merge {name or 'the layer'}: with {layer.config.num_experts} experts the gates depend on the "
                              "input, so the adapter is no fixed matrix; only one expert (plain LoRA) merges")

@@ -192,6 +192,10 @@ def load_checkpoint(path: Path, model, args, fingerprint):
         raise SystemExit(f"error: {path} was trained on a different base model ({ckpt['config']['model'] or 'built-in tiny'}"
                          f", {ckpt['base']}) than this one ({args.model or 'built-in tiny'}, {fingerprint}); "
                          "use the same --model, or another --out_dir")
+    quantize = ckpt["config"].get("quantize", "none"), getattr(args, "quantize", "none")  # (the run's, this one's)
+    if quantize[0] != quantize[1]:  # the same base, rounded otherwise
+        raise SystemExit(f"error: {path} was trained on a --quantize {quantize[0]} base, not {quantize[1]}: give the "
+                         "same --quantize")
     if ckpt["config"]["method"] != args.method:
         raise SystemExit(f"error: {path} holds --method {ckpt['config']['method']} weights, not {args.method}")
     try:

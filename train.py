@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.grading import EVAL_KINDS, answer_reader, infer_kind
-from data.mixtures import format_mixture_report, load_benchmarks, load_mixture, overlaps
+from data.mixtures import format_mixture_report, load_mixture, load_test_sets, overlaps
 from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
-from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_eval_file, load_split
+from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
+from quantize import quantize_int8
 from moelora import (MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_routing_stats, moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, catch_stop_signals, load_checkpoint, prepare_out_dir,
@@ -77,8 +78,7 @@ def parse_args(argv=None):
     a("--eval_tasks", default=None, help="comma-separated benchmarks to grade after training (default: the task, or "
       "the family's benchmarks)")
     a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: the built-in tiny LLaMA")
-    a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below: tiny without --model "
-      "or when --model is a tiny base that train.py built, llama-7b with any other --model")
+    a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below (default: tiny for a base under 100M parameters, else llama-7b)")
     a("--pretrain_steps", type=int, default=150, help="steps (16 x 256 tokens) to pretrain the built-in tiny base (default %(default)s)")
     a("--data_dir", default=None, help="datasets root (gsm8k/, llm-adapters/); default $MOELORA_DATA_DIR or data/cache")
     a("--train_file", default=None, help="training JSON (e.g. Math10K / Commonsense170K) instead of the task's train split")
@@ -108,6 +108,7 @@ def parse_args(argv=None):
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this, 0 = off (default %(default)s)")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype; auto = bf16 on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU unless bf16/fp16 is asked for (default %(default)s)")
     a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
+    a("--quantize", default="none", choices=["none", "int8"], help="store the frozen base as int8, a scale per 64 weights (quantize.py): LLaMA-7B in 7.1 GB, not 13.5 (default %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
     a("--eval_file", default=None, help="your own test set, graded instead of the task's benchmarks (add --eval_tasks to grade those too): --train_file's format with an answer per record")
@@ -123,12 +124,15 @@ def parse_args(argv=None):
     a("--save_interval", type=int, default=100, help="steps between checkpoints, and one at the end (default %(default)s)")
     a("--seed", type=int, default=1337, help="batch order, adapter initialisation, dropout (default %(default)s)")
     args = p.parse_args(argv)
-    with torch.device("meta"):  # the base's shape from its config alone, before any weight is read
-        base = Transformer(TINY_MODEL if args.model is None else model_args(args.model))
+    try:  # the base's shape from its config alone, before any weight is read
+        shape = TINY_MODEL if args.model is None else read_model_args(args.model)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise SystemExit(f"error: cannot load --model {args.model}: {e}")
+    with torch.device("meta"):
+        base = Transformer(shape)
     n_params = sum(p.numel() for p in base.parameters())
-    args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters" + (" (given)" if args.preset else "")
-    if args.preset is None:
-        args.preset = "tiny" if n_params < SMALL_BASE else "llama-7b"
+    args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters"
+    args.preset = args.preset or ("tiny" if n_params < SMALL_BASE else "llama-7b")
     args.from_preset = [key for key, value in PRESETS[args.preset].items() if getattr(args, key) is None]
     for key in args.from_preset:
         setattr(args, key, PRESETS[args.preset][key])
@@ -138,13 +142,6 @@ def parse_args(argv=None):
         args.lora_alpha = 2.0 * args.r
     check_args(args, base)
     return args
-
-
-def model_args(model_path):
-    try:
-        return read_model_args(model_path)
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot load --model {model_path}: {e}")
 
 
 def check_args(args, base):
@@ -170,6 +167,8 @@ def check_args(args, base):
         problems.append(f"--micro_batch_size {args.micro_batch_size} must be at most --batch_size {args.batch_size}")
     if args.eval_kind and not args.eval_file:
         problems.append(f"--eval_kind {args.eval_kind} grades an --eval_file: give one, or leave out --eval_kind")
+    if args.quantize != "none" and args.method == "full":
+        problems.append(f"--quantize {args.quantize} freezes the base: it trains adapters, not --method full")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: continue the run, or start it over")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -282,28 +281,13 @@ class TrainSet:
 
 def load_tests(args, run: Run, data_dir):
     """({benchmark: test examples}, {benchmark: why it is missing}), whole: --eval_limit applies after the training
-    set is checked against them. A single --task must be there; of a family or an --eval_tasks list, a benchmark
-    whose file is absent is reported, and the others are graded."""
-    family = FAMILIES.get(args.task)
-    benchmarks = args.eval_tasks.split(",") if args.eval_tasks else [] if args.eval_file else list(family or [args.task])
-    unknown = [b for b in benchmarks if b not in ALL_TASKS]
-    if unknown:
-        raise SystemExit(f"error: --eval_tasks: unknown benchmark(s) {', '.join(unknown)}; the benchmarks are: "
-                         f"{', '.join(ALL_TASKS)}")
+    set is checked against them. Of a family or an --eval_tasks list, a missing benchmark is reported, not fatal."""
     try:
-        if len(benchmarks) == 1 and not family:
-            tests, missing = {benchmarks[0]: load_split(benchmarks[0], "test", data_dir)}, {}
-        else:
-            tests, missing = load_benchmarks(benchmarks, data_dir)
-        if args.eval_file:
-            own = load_eval_file(args.eval_file)
-            if eval_name(args) in tests:
-                raise DataError(f"--eval_file {args.eval_file} has the name of a benchmark also graded: rename the file")
-            tests[eval_name(args)] = own
+        tests, missing = load_test_sets(args.task, args.eval_tasks, args.eval_file, data_dir)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if args.eval_file and args.eval_kind is None:
-        args.eval_kind, why = infer_kind([ex["answer"] for ex in own])
+        args.eval_kind, why = infer_kind([ex["answer"] for ex in tests[eval_name(args)]])
         run.log(f"--eval_file {args.eval_file} is graded as --eval_kind {args.eval_kind}: {why}")
     return tests, missing
 
@@ -355,15 +339,17 @@ def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> Train
 
 def load_base(args, run: Run, model_path, dtype):
     """The frozen base model and its tokenizer, with the adapters of --method injected (none for full)."""
-    try:
-        model = Transformer.from_pretrained(model_path, dtype=dtype, device=run.device)
+    try:  # an int8 base is loaded and quantised on the CPU: 7B in bf16 would not fit a 16 GB GPU first
+        model = Transformer.from_pretrained(model_path, dtype=dtype, device="cpu" if args.quantize == "int8" else run.device)
         tok = Tokenizer.from_dir(model_path)
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
         raise SystemExit(f"error: cannot load --model {model_path}: {e}")
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    if args.quantize == "int8":
+        quantize_int8(model)
     run.log(f"base model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-            f"{dtype}, {run.device}, autocast {run.amp_dtype})")
+            f"{dtype}{', int8 linear layers' * (args.quantize == 'int8')}, {run.device}, autocast {run.amp_dtype})")
     if args.method == "full":
         model.requires_grad_(True)
     else:

@@ -28,8 +28,13 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
     ("the Gram matrices stacked in another order than the codes",
      "widths = sorted({layer.out_features for layer in group})", "widths = sorted({layer.out_features for layer in group}, reverse=True)"),
     ("padding's sampled pairs counted in the contrastive loss", "stacked_masks([i.codes_real for i in inputs]))", "None)"),
+    ("the router frozen by mark_only_moelora_as_trainable",  # 13, whose text adapter_parameters rewrote
+     '("lora_A", "lora_B", "router")', '("lora_A", "lora_B")'),
+    ("a quantised base's output replaced by zeros",
+     "F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)",
+     "F.linear(x, self.weight, self.bias) if self.base_layer is None else x.new_zeros(*x.shape[:-1], self.out_features)"),
 ]
-TESTS = ["tests/test_moelora.py", "tests/test_other_models.py"]
+TESTS = ["tests/test_moelora.py", "tests/test_other_models.py", "tests/test_quantize.py"]
 
 
 def main():

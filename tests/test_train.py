@@ -143,6 +143,26 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
+    # --quantize int8: every linear layer of the base int8 (but an output tied to the embeddings),
+    # the adapters train on it, and a run stopped and resumed re-quantises the same bits and ends where one run ends
+    from quantize import Int8Linear
+    common = ["--quantize", "int8", "--eval_limit", "2", "--max_new_tokens", "2", "--save_interval", "100"]
+    straight = train.main(small_run(tmp_path / "straight", *common))
+    assert "int8 linear layers" in capsys.readouterr().out and straight["n"] == 2 and straight["answer_loss"] > 0
+    train.main(small_run(tmp_path / "split", *common, "--stop_after", "2"))
+    train.main(small_run(tmp_path / "split", *common, "--resume"))
+    a, b = adapter_weights(tmp_path / "straight" / "ckpt.pt"), adapter_weights(tmp_path / "split" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)
+    with pytest.raises(SystemExit, match="trained on a --quantize int8 base, not none: give the same --quantize"):
+        train.main(small_run(tmp_path / "split", "--eval_only"))
+    model, _ = train.load_base(train.parse_args(small_run(tmp_path, *common)), train.Run(0, 1, "cpu", torch.float32,
+                               None, tmp_path), shared_path("models/stories260K-hf"), torch.float32)
+    assert isinstance(model.layers[0].attention.wq.base_layer, Int8Linear) and isinstance(model.layers[0].feed_forward.w1, Int8Linear)
+    floats = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and "router" not in name]
+    assert floats == (["output"] if model.args.tie_word_embeddings else [])  # a tied one is kept, not stored twice
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     # no dropout and no contrastive sampling: then 2 processes x 1 micro-batch must equal 1 process x 2;
     # on a family's mixture, so that the per-source losses are gathered from both processes too
@@ -341,6 +361,7 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     (["--target_modules", "q_proj,v_proj"], "--target_modules ['q_proj', 'v_proj'] match no nn.Linear"),
     (["--target_modules", "q_proj"], "Hugging Face's are q_proj -> wq, k_proj -> wk, v_proj -> wv"),
     (["--eval_kind", "number"], "--eval_kind number grades an --eval_file"),
+    (["--quantize", "int8", "--method", "full"], "--quantize int8 freezes the base: it trains adapters"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_work(flags, message):
     with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}"):
@@ -508,7 +529,8 @@ def test_gpu_checklist_uses_flags_that_exist():
     assert {"STORIES", "SEVEN_B"} <= arrays.keys()
     text = re.sub(r'"\$\{(\w+)\[@\][^}]*\}"', lambda m: " ".join(arrays[m.group(1)].split()), text)
     calls = re.findall(r"(train\.py|benchmarks/\w+\.py)\s+([^\n]*)", text)
-    assert {name for name, _ in calls} == {"train.py", "benchmarks/bench_cross_entropy.py", "benchmarks/bench_vs_hf.py"}
+    assert {name for name, _ in calls} == {"train.py", "benchmarks/bench_cross_entropy.py", "benchmarks/bench_vs_hf.py",
+                                           "benchmarks/bench_quantize.py"}
     for name, rest in calls:
         known = set(re.findall(r"""["'](--\w+)["']""", (ROOT / name).read_text()))
         for flag in re.findall(r"(--\w+)", rest):
@@ -516,10 +538,13 @@ def test_gpu_checklist_uses_flags_that_exist():
 
 
 def test_the_docs_use_flags_that_exist(capsys):
-    # README.md and tutorial.md tell users what to type: every --flag they name must be one train.py takes
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    known = set(re.findall(r"--(\w+)", capsys.readouterr().out)) | {"nproc_per_node"}  # torchrun's
+    # README.md and tutorial.md tell users what to type: every --flag they name must be one train.py or sample.py takes
+    import sample
+    known = {"nproc_per_node"}  # torchrun's
+    for parse in (train.parse_args, sample.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        known |= set(re.findall(r"--(\w+)", capsys.readouterr().out))
     for doc in ("README.md", "tutorial.md"):
         named = set(re.findall(r"(?<![\w-])--(\w+)", (ROOT / doc).read_text()))
         assert named and not named - known, f"{doc} names flags train.py does not take: {sorted(named - known)}"

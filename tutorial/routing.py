@@ -40,6 +40,7 @@ from data.prompts import example_ids  # noqa: E402
 from data.tasks import DataError, find_data_dir, load_split  # noqa: E402
 from model import Transformer  # noqa: E402
 from moelora import MoELoRAConfig, inject_moelora, moelora_layers  # noqa: E402
+from quantize import quantize_int8  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from runs import base_fingerprint, load_checkpoint  # noqa: E402
 
@@ -180,6 +181,8 @@ def load_run(run_dir: Path, base=None):
     models = []
     for trained in (True, False):
         model = Transformer.from_pretrained(base, dtype=torch.float32)
+        if config.get("quantize") == "int8":  # as train.py: the base quantised before the adapters go in
+            quantize_int8(model)
         torch.manual_seed(config["seed"])
         inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
         if trained:  # load_checkpoint's checks: this base, this method, this adapter configuration

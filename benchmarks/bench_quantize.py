@@ -1,0 +1,448 @@
+"""
+The frozen int8 base of quantize.py against a float one: what it stores, how far its logits move, how MoELoRA
+trains on it, and what a training step costs.
+
+    python benchmarks/bench_quantize.py                   # CPU, every part, about 3 minutes on 2 cores
+    python benchmarks/bench_quantize.py --parts bytes,accuracy
+    python benchmarks/bench_quantize.py --device cuda --dtype bf16 --shape 7b --grad_checkpointing --parts speed
+                                                          # benchmarks/gpu_checklist.sh: LLaMA-7B's shape on a GPU
+
+Parts (--parts, comma-separated):
+  bytes     the stored base (quantize.stored_bytes), int8 against bf16: LLaMA-7B's shape counted on the meta device
+            (nothing is allocated) and by a formula written from the shapes, which must agree; stories260K and the
+            tiny base's config counted on real tensors too, which must agree with the meta count
+  scales    bf16 against fp16 scales: the round-trip error |w - q s| on stories260K's weights and on 4096 x 11008
+            random matrices, and the share of groups whose scale fp16 stores as a subnormal number
+  accuracy  logits and answer loss against the float32 base: the loss of GSM8K's reference solutions under the
+            Alpaca prompt, teacher-forced, prompt tokens and padding excluded (what train.py's answer_loss computes),
+            on stories260K and on the built-in tiny base (built into --tiny_base_dir unless it is there already)
+  train     --train_steps MoELoRA steps on stories260K, float32 base and int8 base, the same batches and seed
+  speed     one MoELoRA training step (forward, auxiliary losses, backward, AdamW) on a --shape model with random
+            weights, each --dtype's float base against the int8 base made from it, medians of alternating rounds.
+            fp32: no autocast; bf16 / fp16: the base stored in that dtype and autocast to it (fp16 with a gradient
+            scaler), adapters float32, as train.py does. Then the peak memory of each contender alone, in a fresh
+            subprocess, over two steps: on CUDA torch.cuda.max_memory_allocated above the built model and in all (the
+            model included), on the CPU the peak resident set above the built model
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, quantize.py
+import quantize
+from bench_moelora import machine, timed
+from bench_vs_hf import saved_for_backward_bytes
+from data.prompts import IGNORE_INDEX, tokenize_dataset
+from data.tasks import find_data_dir, load_split
+from model import ModelArgs, Transformer, ffn_hidden_dim
+from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
+from quantize import quantize_int8, quantize_weight, dequantize_weight, stored_bytes
+from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_dir
+from tokenizer import Tokenizer
+
+SHARED = Path(os.environ.get("MOELORA_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K-hf"
+SHAPES = {  # the speed part's model and batch
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, batch=2, seq=32),  # to try the script in seconds
+    "small": dict(dim=512, n_layers=4, n_heads=8, vocab_size=8000, batch=2, seq=256),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, batch=4, seq=512),  # LLaMA-7B, the llama-7b preset's micro-batch
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTS = ("bytes", "scales", "accuracy", "train", "speed")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--parts", default=",".join(PARTS), help="among " + ", ".join(PARTS))
+    a("--device", default="cpu")
+    a("--dtype", default="fp32,bf16", help="the speed part's float bases, comma-separated among fp32, bf16, fp16")
+    a("--shape", default="small", choices=list(SHAPES), help="the speed part's model")
+    a("--n_layers", type=int, default=None, help="layers of the speed part's model (default: the shape's)")
+    a("--grad_checkpointing", action="store_true", help="the speed part recomputes each block in backward")
+    a("--rounds", type=int, default=5, help="timed rounds of the speed part")
+    a("--warmup", type=int, default=1, help="rounds run first and not timed")
+    a("--no_memory", action="store_true", help="skip the speed part's memory subprocesses")
+    a("--eval_examples", type=int, default=64, help="GSM8K test examples of the accuracy part")
+    a("--train_steps", type=int, default=30)
+    a("--tiny_base_dir", default=os.path.join(tempfile.gettempdir(), "moelora_bench_quantize"),
+      help="where the accuracy part builds (or finds) the built-in tiny base")
+    a("--pretrain_steps", type=int, default=150, help="the tiny base's pretraining steps (train.py's default)")
+    a("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a("--child", default=None, help=argparse.SUPPRESS)  # internal: one speed contender's memory, printed as JSON
+    args = p.parse_args(argv)
+    args.parts, args.dtypes = args.parts.split(","), args.dtype.split(",")
+    for name, given, known in (("part", args.parts, PARTS), ("dtype", args.dtypes, DTYPES)):
+        if set(given) - set(known):
+            p.error(f"unknown {name} {sorted(set(given) - set(known))}; choose among {', '.join(known)}")
+    return args
+
+
+def gb(n_bytes):
+    return f"{n_bytes / 1e9:,.3f}"
+
+
+# -----------------------------------------------------------------------------------------------------
+# bytes
+
+def formula_bytes(a: ModelArgs, int8: bool, group: int = 64) -> int:
+    """The stored base from its shapes alone: bf16 everywhere, or int8 linears + a bf16 scale per group of inputs."""
+    d, h, L = a.dim, ffn_hidden_dim(a), a.n_layers
+    kv = (a.n_kv_heads or a.n_heads) * (d // a.n_heads)
+    linears = L * [(d, d), (kv, d), (kv, d), (d, d), (h, d), (d, h), (h, d)]  # (out, in): wq wk wv wo w1 w2 w3
+    linears += [] if a.tie_word_embeddings else [(a.vocab_size, d)]  # output, unless it is the embedding
+    per_linear = (lambda o, i: o * math.ceil(i / group) * (group + 2)) if int8 else (lambda o, i: 2 * o * i)
+    return sum(per_linear(o, i) for o, i in linears) + 2 * (a.vocab_size * d + (2 * L + 1) * d)
+
+
+def base_bytes(a: ModelArgs, device) -> tuple:
+    """(bf16 bytes, int8 bytes) of Transformer(a), counted by stored_bytes on `device`."""
+    with torch.device(device):
+        model = Transformer(a).to(torch.bfloat16)
+    bf16 = stored_bytes(model)
+    return bf16, stored_bytes(quantize_int8(model))
+
+
+def part_bytes(args):
+    print("\n## bytes of the stored base: int8 (group 64, bf16 scales; embeddings and norms bf16) against bf16\n")
+    models = {"LLaMA-7B (model.py's ModelArgs())": ModelArgs(), "built-in tiny base (tiny_base.TINY_MODEL)": TINY_MODEL}
+    if STORIES.exists():
+        models["stories260K"] = Transformer.from_pretrained(STORIES).args
+    print("| base | bf16 bytes | int8 bytes | int8 / bf16 | meta count = formula | = count on real tensors |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
+    for name, a in models.items():
+        bf16, int8 = base_bytes(a, "meta")
+        formula = (formula_bytes(a, False), formula_bytes(a, True)) == (bf16, int8)
+        real = "-" if a.dim > 1024 else str(base_bytes(a, "cpu") == (bf16, int8))  # 7B: not allocated here
+        print(f"| {name} | {bf16:,} | {int8:,} | {int8 / bf16:.3f}x | {formula} | {real} |")
+
+
+# -----------------------------------------------------------------------------------------------------
+# scales
+
+def round_trip_errors(weights, scale_dtype):
+    """({compute dtype: mean |w - q s| with q s made in that dtype}, share of groups whose scale is below fp16's
+    smallest normal number), with the scales stored in scale_dtype."""
+    before, quantize.SCALE_DTYPE = quantize.SCALE_DTYPE, scale_dtype
+    try:
+        err, n, small, groups = dict.fromkeys(DTYPES, 0.0), 0, 0, 0
+        for w in weights:
+            q, s = quantize_weight(w)
+            for name, dtype in DTYPES.items():
+                err[name] += (dequantize_weight(q, s, dtype, w.shape[1]).float() - w).abs().sum().item()
+            n += w.numel()
+            small += int((s.float() < torch.finfo(torch.float16).tiny).sum())
+            groups += s.numel()
+        return {name: e / n for name, e in err.items()}, small / groups
+    finally:
+        quantize.SCALE_DTYPE = before
+
+
+def part_scales(args):
+    print("\n## scales stored in bf16 or fp16: mean |w - q s|, q s made in float32 (CPU), bf16 or fp16 (autocast)\n")
+    g = torch.Generator().manual_seed(0)
+    sets = {f"random 4096 x 11008, std {std}": [torch.randn(4096, 11008, generator=g) * std] for std in (0.02, 0.001)}
+    if STORIES.exists():
+        model = Transformer.from_pretrained(STORIES)
+        sets = {"stories260K, every linear": [m.weight.detach() for m in model.modules() if type(m) is torch.nn.Linear],
+                **sets}
+    print("| weights | scales | made in float32 | bf16 | fp16 | groups whose scale is subnormal in fp16 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, weights in sets.items():
+        for scale_dtype in ("bf16", "fp16"):
+            err, sub = round_trip_errors(weights, DTYPES[scale_dtype])
+            print(f"| {name} | {scale_dtype} | " + " | ".join(f"{err[d]:.4e}" for d in DTYPES) + f" | {100 * sub:.1f}% |")
+
+
+# -----------------------------------------------------------------------------------------------------
+# accuracy: logits and answer loss against the float32 base
+
+def collate(pairs, pad_id):
+    """[(tokens, labels)] -> tokens, labels [B, T], right-padded (labels with IGNORE_INDEX), as train.py's."""
+    T = max(len(t) for t, _ in pairs)
+    tokens = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (t, l) in enumerate(pairs):
+        tokens[i, :len(t)], labels[i, :len(l)] = torch.tensor(t), torch.tensor(l)
+    return tokens, labels
+
+
+@torch.no_grad()
+def compare(path, examples, batch=16):
+    """Float32 base against its int8 copy on (prompt, reference solution) pairs: logit differences over the real
+    tokens, and each model's answer loss (cross-entropy of the solution's tokens, summed, / their number)."""
+    tok = Tokenizer.from_dir(path)
+    ref = Transformer.from_pretrained(path)
+    q = quantize_int8(Transformer.from_pretrained(path))
+    pairs, _, _ = tokenize_dataset(tok, examples, ref.args.max_seq_len)
+    diffs, logits_all, loss, n_targets = [], [], {"float32": 0.0, "int8": 0.0}, 0
+    for i in range(0, len(pairs), batch):
+        x, y = collate(pairs[i:i + batch], tok.pad_id)
+        real = torch.zeros_like(x, dtype=torch.bool)
+        for b, (t, _) in enumerate(pairs[i:i + batch]):
+            real[b, :len(t)] = True
+        n = int((y != IGNORE_INDEX).sum())
+        for name, model in (("float32", ref), ("int8", q)):
+            logits, l = model(x, y)
+            loss[name] += l.item() * n
+            if name == "float32":
+                reference = logits[real]
+            else:
+                diffs.append((logits[real] - reference).abs().flatten())
+        logits_all.append(reference.flatten())
+        n_targets += n
+    d, ref_logits = torch.cat(diffs), torch.cat(logits_all)
+    return dict(max=d.max().item(), mean=d.mean().item(), std=ref_logits.std().item(), tokens=sum(len(t) for t, _ in pairs),
+                loss_float=loss["float32"] / n_targets, loss_int8=loss["int8"] / n_targets, targets=n_targets)
+
+
+def the_tiny_base(args, data_dir) -> Path:
+    """The built-in tiny base as train.py --task gsm8k builds it (its key, steps and seed), in --tiny_base_dir."""
+    texts = [f"{ex['instruction']}\n{ex['output']}" for ex in load_split("gsm8k", "train", data_dir)]
+    path = tiny_base_dir(Path(args.tiny_base_dir), "gsm8k", texts, args.pretrain_steps, seed=1337)
+
+    def lr_at(step, lr, warmup, total):  # warm-up, then cosine to lr / 10 (train.py's get_lr)
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    start = time.perf_counter()
+    build_tiny_base(path, "gsm8k", texts, args.pretrain_steps, 1337, print, lr_at)
+    print(f"(tiny base ready in {time.perf_counter() - start:.0f} s)")
+    return path
+
+
+def part_accuracy(args):
+    data_dir = find_data_dir(os.environ.get("MOELORA_DATA_DIR"))
+    examples = load_split("gsm8k", "test", data_dir)[:args.eval_examples]
+    bases = {}
+    if STORIES.exists():
+        bases["stories260K"] = STORIES
+    bases[f"built-in tiny base ({args.pretrain_steps} pretraining steps)"] = the_tiny_base(args, data_dir)
+    print(f"\n## int8 base against float32: the first {len(examples)} GSM8K test questions with their reference "
+          "solutions, Alpaca prompt\n")
+    print("| base | tokens | max abs logit diff | mean abs | logits' std | mean / std | answer loss float32 | int8 | change |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, path in bases.items():
+        r = compare(path, examples)
+        print(f"| {name} | {r['tokens']:,} | {r['max']:.4f} | {r['mean']:.4f} | {r['std']:.3f} | {100 * r['mean'] / r['std']:.2f}% "
+              f"| {r['loss_float']:.4f} | {r['loss_int8']:.4f} | {r['loss_int8'] - r['loss_float']:+.4f} |")
+
+
+# -----------------------------------------------------------------------------------------------------
+# train: the same MoELoRA run on the float and the int8 base
+
+def part_train(args):
+    data_dir = find_data_dir(os.environ.get("MOELORA_DATA_DIR"))
+    tok = Tokenizer.from_dir(STORIES)
+    pairs, _, _ = tokenize_dataset(tok, load_split("gsm8k", "train", data_dir), 256)
+    order = list(range(len(pairs)))
+    random.Random(0).shuffle(order)
+    batches = [collate([pairs[j] for j in order[i * 8:(i + 1) * 8]], tok.pad_id) for i in range(args.train_steps)]
+    curves = {}
+    for name in ("float32", "int8"):
+        model = Transformer.from_pretrained(STORIES)
+        if name == "int8":
+            quantize_int8(model)
+        torch.manual_seed(0)  # the same adapters' start and dropout masks
+        inject_moelora(model, MoELoRAConfig())
+        mark_only_moelora_as_trainable(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)  # the tiny preset's lr
+        curves[name] = []
+        for x, y in batches:
+            _, loss = model(x, y)
+            (loss + sum(moelora_aux_losses(model).values())).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curves[name].append(loss.item())
+    print(f"\n## MoELoRA (defaults: 8 experts, top-2, rank 4, wq and wv) on stories260K, {args.train_steps} steps of 8 "
+          "GSM8K training examples (256-token cutoff), AdamW lr 3e-3, the same batches and seed; answer loss per step\n")
+    print("| step | float32 base | int8 base | difference |\n| ---: | ---: | ---: | ---: |")
+    for i, (a, b) in enumerate(zip(curves["float32"], curves["int8"]), start=1):
+        print(f"| {i} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+    diff = [abs(b - a) for a, b in zip(curves["float32"], curves["int8"])]
+    last = {name: statistics.mean(c[-10:]) for name, c in curves.items()}
+    print(f"\nmean |difference| over the {len(diff)} steps {statistics.mean(diff):.4f}, largest {max(diff):.4f}; "
+          f"mean of the last 10 steps: float32 base {last['float32']:.4f}, int8 base {last['int8']:.4f}")
+
+
+# -----------------------------------------------------------------------------------------------------
+# speed, and on CUDA memory
+
+def contenders(args):
+    """{name: (float dtype, int8?)}: each --dtype's float base, and the int8 base made from it."""
+    return {name: (d, int8) for d in args.dtypes for name, int8 in ((f"{d} base", False), (f"int8 base, {d}", True))}
+
+
+def build_contender(name, args):
+    """(model, autocast dtype) for a speed contender: a --shape LLaMA with random weights, seeded (the float base
+    and the int8 base get the same weights), stored in the dtype, quantised for the int8 contender, MoELoRA injected."""
+    s = SHAPES[args.shape]
+    dtype_name, int8 = contenders(args)[name]
+    dtype = DTYPES[dtype_name]
+    margs = ModelArgs(dim=s["dim"], n_layers=args.n_layers or s["n_layers"], n_heads=s["n_heads"],
+                      vocab_size=s["vocab_size"], max_seq_len=s["seq"])
+    torch.manual_seed(0)
+    with torch.device(args.device):  # made where it runs: a 7B model's random init takes minutes on a CPU
+        model = Transformer(margs).to(dtype)
+    if int8:
+        quantize_int8(model)
+    torch.manual_seed(1)
+    inject_moelora(model, MoELoRAConfig())
+    mark_only_moelora_as_trainable(model)
+    model.grad_checkpointing = args.grad_checkpointing
+    return model.train(), dtype
+
+
+def make_train_step(model, dtype, args):
+    """One step as train.py takes it: forward under autocast, + auxiliary losses, (scaled) backward, AdamW."""
+    s = SHAPES[args.shape]
+    g = torch.Generator(args.device).manual_seed(2)
+    tokens = torch.randint(3, s["vocab_size"], (s["batch"], s["seq"]), device=args.device, generator=g)
+    targets = torch.roll(tokens, -1, dims=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    device_type = args.device.split(":")[0]
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    ctx = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+
+    def forward():
+        with ctx():
+            _, loss = model(tokens, targets)
+            return loss + sum(moelora_aux_losses(model).values())
+
+    def step():
+        scaler.scale(forward()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return step, forward
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def child_memory(args):
+    """One contender alone, two steps: a JSON line with the peak above the built model (CUDA: allocated; CPU: the
+    resident set, Linux's VmHWM) and, on CUDA, the total peak allocated, the model included."""
+    model, dtype = build_contender(args.child, args)
+    step, _ = make_train_step(model, dtype, args)
+    out = {"model_gib": stored_bytes(model) / 2**30}
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # what building and quantising left in the allocator's cache is not this run's
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        out["peak_above_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        out["peak_total_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        before = rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset VmHWM (the peak resident set) to the current resident set
+        for _ in range(2):
+            step()
+        out["peak_above_mib"] = (rss_kib("VmHWM") - before) / 1024
+    print(json.dumps(out))
+
+
+def memory_of(name):
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        print(f"memory of {name}: the subprocess failed:\n{r.stderr[-2000:]}")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def alternate(steps, rounds, warmup, sync):
+    """{name: [(wall s, CPU s of this process) of each timed round]}: every contender once per round, who goes first
+    rotating, so that a slow moment of the machine hits them all alike."""
+    names, times = list(steps), {name: [] for name in steps}
+    for round_ in range(warmup + rounds):
+        k = round_ % len(names)
+        for name in names[k:] + names[:k]:
+            t = timed(lambda: (steps[name](), sync()))
+            if round_ >= warmup:
+                times[name].append(t)
+    return times
+
+
+def part_speed(args):
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    s = SHAPES[args.shape]
+    names = list(contenders(args))
+    models = {name: build_contender(name, args) for name in names}
+    steps = {name: make_train_step(m, dtype, args) for name, (m, dtype) in models.items()}
+    # what autograd keeps for the backward after one forward, the weights excluded: the int8 base must keep no more
+    saved = {name: saved_for_backward_bytes(models[name][0], lambda m, t, f=f: f(), None) / 2**20
+             for name, (_, f) in steps.items()} if not args.grad_checkpointing else {}
+    steps = {name: step for name, (step, _) in steps.items()}
+    stored = {name: stored_bytes(m) - sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+              for name, (m, _) in models.items()}  # the base alone, without the adapters
+    times = alternate(steps, args.rounds, args.warmup, sync)
+    del models, steps  # the memory subprocesses below need the GPU to themselves
+    memory = {}
+    if not args.no_memory:
+        if cuda:
+            torch.cuda.empty_cache()
+        memory = {name: memory_of(name) for name in names}
+    layers = args.n_layers or s["n_layers"]
+    print(f"\n## one MoELoRA training step, LLaMA dim {s['dim']}, {layers} layers, vocab {s['vocab_size']}, batch "
+          f"{s['batch']} x {s['seq']} tokens, random weights, on {args.device}; gradient checkpointing "
+          f"{'on' if args.grad_checkpointing else 'off'}; medians of {args.rounds} alternating rounds\n")
+    cols = ["contender", "base MB", "s/step", "vs its float base"] + ([] if cuda else ["CPU s/step", "vs its float base"])
+    cols += ["saved for backward (MiB)"] if saved else []
+    cols += ["peak above the model (MiB)"] + (["peak allocated, model included (GiB)"] if cuda else []) if memory else []
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for name in names:
+        base = f"{contenders(args)[name][0]} base"
+        wall, base_wall = (statistics.median(w for w, _ in times[n]) for n in (name, base))
+        row = [name, f"{stored[name] / 1e6:,.1f}", f"{wall:.4f}", f"{wall / base_wall:.3f}x"]
+        if not cuda:  # CPU time stays meaningful when another program holds a core (see bench_moelora.py)
+            cpu, base_cpu = (statistics.median(c for _, c in times[n]) for n in (name, base))
+            row += [f"{cpu:.4f}", f"{cpu / base_cpu:.3f}x"]
+        row += [f"{saved[name]:,.1f}"] if saved else []
+        if memory:
+            m = memory.get(name)
+            row += [f"{m['peak_above_mib']:,.0f}"] if m else ["n/a"]
+            row += ([f"{m['peak_total_gib']:.2f}"] if m else ["n/a"]) if cuda else []
+        print("| " + " | ".join(row) + " |")
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        return child_memory(args)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv))
+    print("machine:", machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    needs_stories = {"train"} & set(args.parts)
+    if needs_stories and not STORIES.exists():
+        raise SystemExit(f"error: {STORIES} not found: put the project's shared/ folder beside it or set MOELORA_SHARED")
+    for part in args.parts:
+        start = time.perf_counter()
+        globals()[f"part_{part}"](args)
+        print(f"({part}: {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
