@@ -116,7 +116,6 @@ def test_quick_run_trained_contenders_learn_and_respect_the_floors(quick):
 
 
 def test_figures(quick, tmp_path):
-    pytest.importorskip("matplotlib")
     controlled.plot(quick["main"], tmp_path)
     assert (tmp_path / "controlled_fit.png").stat().st_size > 0 and (tmp_path / "controlled_nmi.png").stat().st_size > 0
 

@@ -232,6 +232,5 @@ def test_routing_per_task_table_and_figure(tmp_path, capsys):
     routing_per_task.main([str(path), "--no_figure"])
     out = capsys.readouterr().out
     assert "| layers.0.attention.wq | 0.918 | 0.100 |" in out and "| mean | 0.918 | 0.100 |" in out
-    pytest.importorskip("matplotlib")
     routing_per_task.main([str(path)])
     assert (tmp_path / "routing_math.png").stat().st_size > 1000

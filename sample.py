@@ -1,0 +1,269 @@
+"""
+Ask the model you trained: load a run's base and its trained adapters, wrap each question in the prompt it was
+trained on, and stream the answer token by token (the name is nanoGPT's).
+
+    python sample.py --out_dir out "Tom has 3 apples and buys 5 more. How many does he have?"
+    python sample.py --out_dir out --no_adapter "..."          # the base alone, same prompt: for comparison
+    python sample.py --out_dir out --routing "..."             # and each token's top-1 expert in every layer
+    python sample.py --out_dir out --routing_png r.png "..."   # the same as a picture (needs matplotlib)
+    python sample.py --out_dir out --file questions.txt        # one question a line; - or a pipe reads stdin
+    python sample.py --out_dir out --temperature 0.8 --top_p 0.9 --seed 1 "..."
+
+The settings come from out_dir/ckpt.pt (which base, which method); the adapters from out_dir/adapter.safetensors
+when it is there, else from ckpt.pt (--method full: all the weights, from ckpt.pt). Answers go to stdout, what was
+loaded to stderr.
+"""
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+from data.prompts import eval_prompt_tokens
+from model import KVCache, Transformer, sample
+from moelora import MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_layers
+from runs import base_fingerprint
+from tokenizer import Tokenizer
+
+COLOURS = [41, 42, 43, 44, 45, 46, 47, 100, 101, 102, 103, 104, 105, 106, 107]  # ANSI backgrounds, one per expert
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("questions", nargs="*", help="questions, answered in turn; - reads more from stdin, one a line (so does a "
+      "pipe when no question is given)")
+    a("--out_dir", default="out", help="the run: ckpt.pt and adapter.safetensors, as train.py wrote them (default %(default)s)")
+    a("--model", default=None, help="the base model, if it is no longer where ckpt.pt says (a run moved elsewhere)")
+    a("--file", default=None, help="a text file of questions, one a line")
+    a("--input", default="", help="the Alpaca template's input field, for every question (default: none)")
+    a("--max_new_tokens", type=int, default=256, help="the longest answer in tokens (default %(default)s)")
+    a("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    a("--top_p", type=float, default=1.0, help="sample from the smallest set of tokens this likely (default %(default)s)")
+    a("--seed", type=int, default=1337, help="for sampling (default %(default)s)")
+    a("--no_adapter", action="store_true", help="the base alone answers, with the same prompt")
+    a("--routing", action="store_true", help="print each token's top-1 expert in each adapted layer, and the shares")
+    a("--routing_png", default=None, help="draw that table as a PNG in this file (implies --routing; of the last question)")
+    args = p.parse_args(argv)
+    for ok, problem in ((args.max_new_tokens > 0, f"--max_new_tokens {args.max_new_tokens} must be > 0"),
+                        (args.temperature >= 0, f"--temperature {args.temperature} must be >= 0"),
+                        (0 < args.top_p <= 1, f"--top_p {args.top_p} must be in (0, 1]")):
+        if not ok:
+            raise SystemExit(f"error: {problem}")
+    args.routing = args.routing or args.routing_png is not None
+    return args
+
+
+def read_questions(args) -> list:
+    """The questions of the command line, --file and stdin, in that order; blank lines of a file are skipped."""
+    given = [q.strip() for q in args.questions]
+    if any(not q.strip() for q in given):
+        raise SystemExit("error: empty question: ask something")
+    lines = []
+    if args.file:
+        try:
+            lines += Path(args.file).read_text().splitlines()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read --file {args.file} ({e.strerror})")
+    if "-" in given or (not given and not args.file and not sys.stdin.isatty()):
+        lines += sys.stdin.read().splitlines()
+    questions = [q for q in given if q != "-"] + [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise SystemExit("error: no question: give one on the command line, in --file, or on stdin")
+    return questions
+
+
+def read_checkpoint(out_dir: Path) -> dict:
+    path = out_dir / "ckpt.pt"
+    if not path.is_file():
+        raise SystemExit(f"error: no {path}: train a run first (python train.py --out_dir {out_dir}), or point "
+                         "--out_dir at one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} ({str(e).splitlines()[0]})")
+
+
+def load_model(args, ckpt: dict, device: str, dtype):
+    """(the run's base with its trained weights, or without them for --no_adapter, in eval mode; tokenizer)."""
+    config, out_dir = ckpt["config"], Path(args.out_dir)
+    base = Path(args.model or config.get("base") or config["model"])
+    if not args.model and not base.exists() and (out_dir / base.name).exists():
+        base = out_dir / base.name  # the built-in tiny base is built inside out_dir: the run was moved with it
+    if not base.exists():
+        raise SystemExit(f"error: the base model {base} does not exist" + ("" if args.model else
+                         " (it is where ckpt.pt says the run found it); give --model the path of that base"))
+    try:
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
+        tok = Tokenizer.from_dir(base)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise SystemExit(f"error: cannot load the base model {base}: {e}")
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"error: {base}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    if config.get("quantize") == "int8":  # as train.py: the base is quantized before the adapters go in
+        from quantize import quantize_int8
+        quantize_int8(model)
+    fingerprint = base_fingerprint(model)
+    what = "no adapter" if args.no_adapter else load_trained(model, ckpt, out_dir, base)
+    sums, saved = torch.tensor(fingerprint["sums"]), torch.tensor(ckpt["base"]["sums"])
+    if not torch.allclose(sums, saved, rtol=1e-2, atol=1e-2):  # loose: the run may have held the base in bf16
+        print(f"warning: {base} is not the base the run was trained on (weight sums {fingerprint['sums']}, the run's "
+              f"{ckpt['base']['sums']}): its answers may be nonsense", file=sys.stderr)
+    print(f"{base} + {what} ({config['method']}, step {ckpt['step']}), {device}, {dtype}", file=sys.stderr)
+    return model.eval(), tok
+
+
+def load_trained(model, ckpt: dict, out_dir: Path, base: Path) -> str:
+    """Put the run's trained weights into the base; returns where they came from."""
+    adapter, source = out_dir / "adapter.safetensors", out_dir / "ckpt.pt"
+    try:
+        if ckpt["config"]["method"] == "full":
+            model.load_state_dict(ckpt["weights"])
+        elif adapter.exists():  # plain LoRA is a one-expert MoELoRA: the same file and loader
+            source = adapter
+            load_moelora(model, adapter)
+        else:
+            inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
+            load_moelora_state_dict(model, ckpt["weights"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        why = str(e).splitlines()[0]
+        why = why if len(why) < 300 else why[:300] + "..."  # a list of every missing key says no more than its start
+        trained_on = ckpt["config"].get("base") or ckpt["config"]["model"]
+        hint = "give that as --model" if str(base) != trained_on else "has it changed since?"
+        raise SystemExit(f"error: the weights in {source} do not fit the base {base} ({why}); the run was trained on "
+                         f"{trained_on}: {hint}")
+    return str(source)
+
+
+def autocast(device: str, dtype):
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device, dtype=dtype)
+
+
+@torch.inference_mode()
+def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: float, top_p: float, generator,
+                  dtype, out=None) -> list:
+    """Continue prompt (token ids) as model.generate does for one sequence, writing the text as it grows.
+    Returns the new ids (ending with EOS if the model stopped)."""
+    out, device = out or sys.stdout, model.freqs_cos.device
+    total = len(prompt) + max_new_tokens
+    tokens = torch.zeros(1, total, dtype=torch.long, device=device)  # [1, total]: the prompt, then the answer
+    tokens[0, :len(prompt)] = torch.tensor(prompt)
+    positions = torch.arange(total, device=device)[None]  # [1, total]
+    mask = torch.ones(total, total, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, total, total] causal
+    new, shown, start = [], "", 0
+    with autocast(device.type, dtype):
+        cache = KVCache(model, 1, total)  # inside autocast: the cache takes the compute dtype
+        for cur in range(len(prompt), total):
+            # the first step reads the whole prompt; each later one only the token before it, the rest is cached
+            logits, _ = model(tokens[:, start:cur], positions=positions[:, start:cur],
+                              mask=mask[:, :, start:cur, :cur], cache=cache)
+            tokens[0, cur] = sample(logits[:, -1], temperature, top_p, generator)[0]
+            new.append(int(tokens[0, cur]))
+            if new[-1] == tok.eos_id:
+                break
+            # decode the whole answer each time: SentencePiece drops a leading space only at the start of a text, and a
+            # character made of several byte pieces reads U+FFFD until its last byte; print what can no longer change
+            text = tok.decode(new)
+            if text.startswith(shown) and not text.endswith("\ufffd"):
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+            start = cur
+    text = tok.decode(new)
+    out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
+    out.flush()
+    return new
+
+
+@torch.inference_mode()
+def top1_experts(model, ids: list, dtype):
+    """(layer names, [T, layers] int64: each token's top-1 expert in each adapted layer) from one forward over ids."""
+    layers = moelora_layers(model)
+    with autocast(model.freqs_cos.device.type, dtype):
+        model(torch.tensor([ids], device=model.freqs_cos.device))
+    # last_top_idx: [T, k], the k chosen experts by falling gate; column 0 is the top-1
+    return [name for name, _ in layers], torch.stack([layer.last_top_idx[:, 0] for _, layer in layers], 1).cpu()
+
+
+def short_name(name: str) -> str:
+    parts = name.split(".")  # "layers.3.attention.wq" -> "3wq"
+    return parts[1] + parts[-1] if parts[0] == "layers" and len(parts) > 2 else name
+
+
+def print_routing(pieces: list, n_prompt: int, names: list, top1, num_experts: int, colour: bool):
+    labels = [short_name(n) for n in names]
+    w = max(len(str(num_experts - 1)), *map(len, labels))
+    print(f"top-1 expert of each token (rows; \u2581 is a space) in each adapted layer (columns); {len(pieces)} "
+          "tokens: the prompt, then after the line the answer")
+    print(f"{'token':>14} " + " ".join(label.rjust(w) for label in labels))
+    for t, (piece, row) in enumerate(zip(pieces, top1.tolist())):
+        if t == n_prompt:
+            print("-" * (15 + (w + 1) * len(labels)))
+        cells = [str(e).rjust(w) for e in row]
+        if colour:  # more experts than colours: the colours repeat, the numbers tell them apart
+            cells = [f"\033[30;{COLOURS[e % len(COLOURS)]}m{c}\033[0m" for e, c in zip(row, cells)]  # black on colour
+        print(f"{piece[:14]:>14} " + " ".join(cells))
+    share = torch.bincount(top1.flatten(), minlength=num_experts).double() / top1.numel()
+    print(f"expert share (top-1, all {len(pieces)} tokens x {len(labels)} layers together): "
+          + "  ".join(f"e{e} {100 * s:.1f}%" for e, s in enumerate(share.tolist())))
+
+
+def save_routing_png(path: str, pieces: list, n_prompt: int, names: list, top1, num_experts: int):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --routing_png needs matplotlib (pip install matplotlib); --routing prints the table")
+    T, L = top1.shape
+    fig, ax = plt.subplots(figsize=(2 + 0.4 * L, 1 + 0.16 * T))
+    cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20", num_experts)
+    im = ax.imshow(top1.numpy(), cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(L), [short_name(n) for n in names], rotation=90, fontsize=7)
+    ax.set_yticks(range(T), [p.replace("$", r"\$") for p in pieces], fontsize=6)  # "$" would start mathtext
+    ax.axhline(n_prompt - 0.5, color="black", linewidth=1)  # the answer starts below the line
+    fig.colorbar(im, ticks=range(num_experts), label="top-1 expert")
+    ax.set_title("top-1 expert per token and layer")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = read_checkpoint(Path(args.out_dir))
+    method = ckpt["config"]["method"]
+    num_experts = 1 if method == "full" else ckpt["weights"]["moelora_config"]["num_experts"]
+    if args.routing and (args.no_adapter or num_experts < 2):
+        raise SystemExit("error: --routing shows the experts of a MoELoRA run with more than one; " +
+                         ("--no_adapter has none" if args.no_adapter else f"this is a --method {method} run"))
+    questions = read_questions(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32  # on a GPU, bf16 (or fp16) weights under autocast, as train.py
+    if device == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model, tok = load_model(args, ckpt, device, dtype)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    results = []
+    for q in questions:
+        if len(questions) > 1:
+            print(f"> {q}")
+        prompt = eval_prompt_tokens(tok, {"instruction": q, "input": args.input})  # BOS + the training template
+        budget = min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
+        if budget < 1:
+            raise SystemExit(f"error: the prompt has {len(prompt)} tokens; the model reads at most {model.args.max_seq_len}")
+        answer = stream_answer(model, tok, prompt, budget, args.temperature, args.top_p, generator, dtype)
+        top1 = None  # [T, layers] with --routing
+        if args.routing:
+            names, top1 = top1_experts(model, prompt + answer, dtype)
+            pieces = [tok.sp.id_to_piece(i).replace("\n", "\\n") for i in prompt + answer]  # "▁" marks a space
+            print_routing(pieces, len(prompt), names, top1, num_experts, sys.stdout.isatty())
+            if args.routing_png:
+                save_routing_png(args.routing_png, pieces, len(prompt), names, top1, num_experts)
+                print(f"(routing picture in {args.routing_png})")
+        results.append({"question": q, "prompt": prompt, "answer": answer, "routing": top1})
+    return results
+
+
+if __name__ == "__main__":
+    main()
