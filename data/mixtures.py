@@ -18,7 +18,7 @@ Order: sources in MIXTURE_SOURCES order, examples in file order. Shuffling is tr
 """
 from pathlib import Path
 
-from .tasks import FAMILIES, DataError, load_split, load_train_file
+from .tasks import ALL_TASKS, FAMILIES, DataError, load_eval_file, load_split, load_train_file
 
 # Math10K and Commonsense170K are not available offline; these train splits stand in for them. They are
 # smaller and narrower (no AQuA- or SVAMP-like problems, no PIQA/SIQA/HellaSwag/WinoGrande-like ones), so
@@ -78,6 +78,25 @@ def load_benchmarks(benchmarks, data_dir, limit=None) -> tuple:
             tests[task] = load_split(task, "test", data_dir)[:limit]
         except DataError as e:
             missing[task] = str(e).splitlines()[0]
+    return tests, missing
+
+
+def load_test_sets(task: str, eval_tasks, eval_file, data_dir) -> tuple:
+    """(tests, missing) as load_benchmarks, for what train.py grades: --eval_tasks, else the task (a benchmark that
+    must be there, or a family), or --eval_file instead, named after the file (eval_tasks: "a,b,c" or None)."""
+    family = FAMILIES.get(task)
+    benchmarks = eval_tasks.split(",") if eval_tasks else [] if eval_file else list(family or [task])
+    unknown = [b for b in benchmarks if b not in ALL_TASKS]
+    if unknown:
+        raise DataError(f"--eval_tasks: unknown benchmark(s) {', '.join(unknown)}; the benchmarks are: {', '.join(ALL_TASKS)}")
+    if len(benchmarks) == 1 and not family:
+        tests, missing = {benchmarks[0]: load_split(benchmarks[0], "test", data_dir)}, {}
+    else:
+        tests, missing = load_benchmarks(benchmarks, data_dir)
+    if eval_file:
+        if Path(eval_file).stem in tests:
+            raise DataError(f"--eval_file {eval_file} has the name of a benchmark also graded: rename the file")
+        tests[Path(eval_file).stem] = load_eval_file(eval_file)
     return tests, missing
 
 
