@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,21 +243,54 @@ def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: di
     return ckpt["step"]
 
 
-def catch_stop_signals() -> dict:
-    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT (Ctrl-C) set stop["signal"]; the
-    loop then finishes its step, saves and exits. A second signal stops at once."""
-    stop = {"signal": None}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what SLURM and Kubernetes send before a kill; Ctrl-C
 
-    def handler(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
+
+@contextlib.contextmanager
+def catch_stop_signals(run: Run):
+    """Inside the `with`, a first SIGTERM or SIGINT sets stop["signal"]: the loop finishes its step, saves and exits.
+    A second one ends the process at once, without saving, even while a long C++ call runs (a backward at 7B, a
+    collective on which a dead peer's partner hangs).
+
+    Why a thread: Python runs a signal handler only when the main thread is back in the interpreter, which a
+    minutes-long backward may not be. But Python's C-level handler writes each signal's number to the wakeup fd at
+    once, and torch releases the GIL inside its operations, so a thread reading that fd acts at once. The Python
+    handler, when it runs, also restores the default action, so that the operating system ends the process on the
+    next signal without anybody's help."""
+    stop = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():  # train.main called from a thread: signals untouched
+        yield stop
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # the C handler must never block
+
+    def restore_default(signum, frame):  # in the main thread, between two Python operations
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+    def watch():  # in its own thread, at once
+        while got := os.read(read_fd, 1):
+            if stop["signal"] is None:
+                stop["signal"] = got[0]
+                run.log(f"{signal.Signals(got[0]).name}: stopping after this step; a second signal stops at once "
+                        "without saving")
+            else:
+                run.log(f"{signal.Signals(got[0]).name} again: stopping now, without saving")
+                os._exit(128 + got[0])
+
+    previous = {sig: signal.signal(sig, restore_default) for sig in STOP_SIGNALS}
+    previous_fd = signal.set_wakeup_fd(write_fd)
+    watcher = threading.Thread(target=watch, name="stop-signals", daemon=True)
+    watcher.start()
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
-    except ValueError:  # not the main thread (train.main called from a thread): signals keep their handlers
-        pass
-    return stop
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
 
 
 def stop_requested(run: Run, stop: dict) -> bool:

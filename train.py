@@ -394,8 +394,7 @@ def train(args, run: Run, model, raw_model, tok, train_set):
     last_step = total_steps if args.stop_after is None else min(total_steps, step + args.stop_after)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=run.rank != 0, dynamic_ncols=True)
     t0, positions = time.time(), 0
-    stop = catch_stop_signals()
-    try:
+    with catch_stop_signals(run) as stop:  # a first signal: stop after this step, saved; a second: at once
         while step < last_step:
             lr = get_lr(step, args.lr, args.warmup_steps, total_steps)
             for g in optimizer.param_groups:
@@ -430,10 +429,6 @@ def train(args, run: Run, model, raw_model, tok, train_set):
                 run.log(f"stopped by {name} after step {step} of {total_steps}; checkpoint saved in "
                         f"{run.out_dir / 'ckpt.pt'}. Continue with the same command and --resume")
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
-    finally:
-        with contextlib.suppress(ValueError):  # (not the main thread)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
     bar.close()
     if step < total_steps:
         run.log(f"stopped after step {step} of {total_steps} (--stop_after); continue with --resume")

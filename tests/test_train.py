@@ -458,12 +458,51 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out[-2000:]
+    assert "SIGTERM: stopping after this step; a second signal stops at once without saving" in out
     assert "stopped by SIGTERM after step" in out and "--resume" in out
     stopped_at = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"]
     assert 3 <= stopped_at < 40
     train.main(small_run(tmp_path / "split", *common, "--resume"))
     a, b = adapter_weights(tmp_path / "straight" / "ckpt.pt"), adapter_weights(tmp_path / "split" / "ckpt.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+STUCK_IN_NATIVE_CODE = """
+import sys, time
+from pathlib import Path
+import torch
+from runs import Run, catch_stop_signals
+torch.set_num_threads(1)
+a = torch.randn(10000, 10000)
+with catch_stop_signals(Run(0, 1, "cpu", torch.float32, None, Path("."))) as stop:
+    print("ready", flush=True)
+    start = time.time()
+    a @ a  # one C++ call of 2 TFLOP: tens of seconds in which no Python signal handler can run
+    print(f"the matmul ended after {time.time() - start:.0f} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once_even_inside_a_long_native_call(sig):
+    # a job scheduler's second SIGTERM, or Ctrl-C pressed twice, while the process is inside a backward at 7B or a
+    # collective that a dead peer never joins: the process must end within seconds, not when the call returns
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_IN_NATIVE_CODE], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        time.sleep(0.5)
+        second = time.time()
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    name = signal.Signals(sig).name
+    assert time.time() - second < 3, out
+    assert proc.returncode == 128 + sig and "the matmul ended" not in out, out
+    assert out.splitlines() == [f"{name}: stopping after this step; a second signal stops at once without saving",
+                                f"{name} again: stopping now, without saving"]
 
 
 def test_same_command_same_result_with_or_without_a_cached_base(tmp_path):
@@ -587,3 +626,39 @@ def test_your_own_test_file_is_graded_by_its_kind(tmp_path, capsys):
     with pytest.raises(SystemExit, match="labels.json: record 0 lacks answer"):
         labels.write_text(json.dumps([{"instruction": "Is 1 even?", "output": "no"}]))
         grade("--eval_file", str(labels))
+
+
+# --- what --help promises about the schedule and the clipping
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_tenth():
+    # --help: "linear warm-up, then cosine decay to lr/10"; the values written out, not recomputed from get_lr
+    lr, warmup, total = 1.0, 10, 110
+    assert [train.get_lr(s, lr, warmup, total) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert train.get_lr(10, lr, warmup, total) == pytest.approx(1.0)  # the peak, where the cosine starts
+    assert train.get_lr(60, lr, warmup, total) == pytest.approx(0.55)  # half way: lr/10 + (lr - lr/10) / 2
+    assert train.get_lr(110, lr, warmup, total) == pytest.approx(0.1)  # the end: a tenth, not 0
+    lrs = [train.get_lr(s, lr, warmup, total) for s in range(total)]
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup])) and all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert min(lrs[warmup:]) > 0.1 and train.get_lr(0, 3e-4, 0, 5) == pytest.approx(3e-4)  # no warm-up: the peak at once
+
+
+def test_a_run_logs_the_promised_schedule(tmp_path):
+    # the learning rate the loop sets is the one logged: 4 steps of warm-up 2, then the cosine to lr/10 over 2 more
+    train.main(small_run(tmp_path, "--max_steps", "4", "--warmup_steps", "2", "--lr", "1e-3", "--eval_limit", "1",
+                         "--max_new_tokens", "1"))
+    logged = [json.loads(l)["lr"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4])
+
+
+@pytest.mark.parametrize("clip, expected_norm", [(1.0, 1.0), (0.25, 0.25), (0.0, 20.0)])
+def test_gradient_clipping_caps_the_norm_of_the_step(clip, expected_norm):
+    # --grad_clip c rescales a gradient of norm 20 to norm c before the step; 0 turns clipping off. Plain SGD at
+    # lr 1 makes the step equal to the gradient it was given, so the step's norm shows what clipping did
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 10.0)  # norm 20
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    args = train.parse_args(["--grad_clip", str(clip)])
+    train.optimizer_step(args, run, optimizer, [p], {"lm": 1.0, "contrastive": 0.0, "balance": 0.0}, 0, None)
+    assert p.detach().norm().item() == pytest.approx(expected_norm, rel=1e-5)
+    assert p.grad is None  # zeroed for the next step
