@@ -10,12 +10,15 @@ Three formats, detected from the files (open_checkpoint):
     A checkpoint without lm_head.weight ties the classifier to the embeddings. Only plain RoPE and no biases.
   - llama2.c: one .bin, export version 0: a 7-int32 header, then float32 weights in a fixed order; a negative
     vocab size in the header means an untied classifier.
-Every file is memory-mapped and each tensor is copied once into a model allocated in the target dtype, so the
-peak memory is about the model's size. A safetensors file is read here by hand (the format is an 8-byte header
-length, a JSON header and the raw data), which keeps the package list short; moelora.py keeps its own writer
-and reader so that it stays a standalone file. Bad files give errors that name the file and the problem.
+Every file is memory-mapped and each tensor is copied once into a model allocated in the target dtype. A page read
+through a mapping counts in the resident set until the mapping goes, so each safetensors tensor gets a mapping of its
+own, dropped once copied: the peak is the model plus about one tensor (benchmarks/README.md, "CPU bf16 training:
+where the memory goes"). A .pth or .bin file (torch.load with mmap=True) and a llama2.c file are mapped whole: the
+pages read from one stay resident until its last tensor is copied (clean pages, which the kernel drops first when
+memory runs short). A safetensors file is read here by hand (the format is an 8-byte header length, a JSON header
+and the raw data), which keeps the package list short; moelora.py keeps its own writer and reader so that it stays
+a standalone file. Bad files give errors that name the file and the problem.
 """
-import itertools
 import json
 import math
 import mmap
@@ -50,7 +53,8 @@ def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None)
     if args.tie_word_embeddings:
         expected.pop("output.weight")  # the same tensor as tok_embeddings.weight: loaded once
     loaded = set()
-    for name, tensor in itertools.chain([first], tensors):
+
+    def load(name, tensor):
         if name not in expected:
             raise KeyError(f"{path}: unexpected tensor '{name}' for this architecture")
         param = expected[name]
@@ -60,6 +64,10 @@ def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None)
         with torch.no_grad():
             param.copy_(tensor)
         loaded.add(name)
+    load(*first)
+    del first  # held, a tensor would keep the file pages it maps resident to the end: each goes once copied
+    for name, tensor in tensors:
+        load(name, tensor)
     missing = sorted(set(expected) - loaded)
     if missing:
         raise KeyError(f"{path}: missing tensors ({len(missing)}): {', '.join(missing[:8])}"
@@ -191,7 +199,7 @@ def load_hf_checkpoint(path: Path):
 
     def tensors():
         for f in weight_files:
-            for hf_name, t in (read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f)).items():
+            for hf_name, t in (iter_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f).items()):
                 name = hf_name.removeprefix("model.")
                 if name.endswith("rotary_emb.inv_freq"):  # older exports saved their RoPE table: ours is computed
                     continue
@@ -276,13 +284,15 @@ def read_safetensors_header(path: Path):
 
 def read_safetensors(path: Path) -> dict:
     """name -> tensor, memory-mapped (copy-on-write): data is read from disk only when a tensor is used."""
+    return dict(iter_safetensors(path))
+
+
+def iter_safetensors(path: Path):
+    """(name, tensor) in the file's order, every header entry checked first; each tensor is memory-mapped on its own
+    when reached. One mapping of the whole file would keep every page read through it in the resident set until its
+    last tensor is dropped: filling a model from it would peak at the model plus the file."""
     header, data_start, size = read_safetensors_header(path)
-    if not header:
-        return {}
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    data = np.frombuffer(buf, dtype=np.uint8, offset=data_start)
-    out = {}
+    entries = []
     for name, info in header.items():
         try:
             dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
@@ -296,11 +306,21 @@ def read_safetensors(path: Path) -> dict:
         if not (0 <= begin <= end <= size - data_start) or end - begin != nbytes:
             raise ValueError(f"{path}: corrupt safetensors header: '{name}' has offsets [{begin}, {end}] "
                              f"for {nbytes} bytes of data, in a buffer of {size - data_start} bytes")
-        raw = torch.from_numpy(data[begin:end])  # uint8 view into the mapping
-        if begin % dtype.itemsize:  # unaligned for its dtype: copy this one tensor
-            raw = raw.clone()
-        out[name] = raw.view(dtype).view(shape)
-    return out
+        entries.append((name, data_start + begin, nbytes, dtype, shape))
+    return ((name, map_tensor(path, *entry)) for name, *entry in entries)
+
+
+def map_tensor(path: Path, offset: int, nbytes: int, dtype, shape):
+    """The tensor stored at byte `offset` of the file, in a copy-on-write mapping of its own pages."""
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+    raw = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=offset - start))
+    if offset % dtype.itemsize:  # unaligned for its dtype: copy this one tensor
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
 
 
 # --- llama2.c: one .bin file, version 0 ("legacy"): 7 int32 header, then float32 weights in a fixed order

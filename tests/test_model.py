@@ -1,10 +1,12 @@
 """model.py against transformers' LLaMA, real checkpoints in ../shared, and bad input."""
 import json
 import struct
+import weakref
 
 import pytest
 import torch
 
+import checkpoints
 from conftest import shared_path
 from checkpoints import read_safetensors
 from data.prompts import IGNORE_INDEX
@@ -66,6 +68,23 @@ def test_hf_sharded_safetensors(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     assert_same_logits(Transformer.from_pretrained(tmp_path), hf)
+
+
+def test_loader_drops_each_tensor_once_copied(tmp_path, monkeypatch):
+    # a tensor read maps pages of its file, and they count in the resident set while it lives: kept to the end of the
+    # load, a 7B checkpoint's 13.5 GB would add to the model's (benchmarks/README.md, "CPU bf16 training")
+    make_hf_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    read, map_tensor = [], checkpoints.map_tensor
+
+    def mapping(*a):
+        held = [i for i, ref in enumerate(read[:-1]) if ref() is not None]  # the last one read may still be bound
+        assert not held, f"tensors {held} of the {len(read)} read so far are still held"
+        t = map_tensor(*a)
+        read.append(weakref.ref(t))
+        return t
+    monkeypatch.setattr(checkpoints, "map_tensor", mapping)
+    model = Transformer.from_pretrained(tmp_path)
+    assert len(read) == len(model.state_dict())
 
 
 def test_hf_pytorch_bin_and_old_config_layout(tmp_path):
