@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, quantize.py
 import quantize
 from bench_moelora import machine, timed
-from bench_vs_hf import saved_for_backward_bytes
+from bench_vs_hf import peak_memory_of, saved_for_backward_bytes
 from data.prompts import IGNORE_INDEX, tokenize_dataset
 from data.tasks import find_data_dir, load_split
 from model import ModelArgs, Transformer, ffn_hidden_dim
@@ -329,34 +329,12 @@ def make_train_step(model, dtype, args):
     return step, forward
 
 
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
-
-
 def child_memory(args):
     """One contender alone, two steps: a JSON line with the peak above the built model (CUDA: allocated; CPU: the
     resident set, Linux's VmHWM) and, on CUDA, the total peak allocated, the model included."""
     model, dtype = build_contender(args.child, args)
     step, _ = make_train_step(model, dtype, args)
-    out = {"model_gib": stored_bytes(model) / 2**30}
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # what building and quantising left in the allocator's cache is not this run's
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        out["peak_above_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-        out["peak_total_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        before = rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset VmHWM (the peak resident set) to the current resident set
-        for _ in range(2):
-            step()
-        out["peak_above_mib"] = (rss_kib("VmHWM") - before) / 1024
+    out = {"model_gib": stored_bytes(model) / 2**30, **peak_memory_of(step, args.device)}
     print(json.dumps(out))
 
 
@@ -421,7 +399,7 @@ def part_speed(args):
         if memory:
             m = memory.get(name)
             row += [f"{m['peak_above_mib']:,.0f}"] if m else ["n/a"]
-            row += ([f"{m['peak_total_gib']:.2f}"] if m else ["n/a"]) if cuda else []
+            row += ([f"{m['peak_total_mib'] / 1024:.2f}"] if m else ["n/a"]) if cuda else []
         print("| " + " | ".join(row) + " |")
 
 

@@ -45,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -54,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bench_moelora import machine, make_step, timed
 from data.prompts import IGNORE_INDEX
 from model import ModelArgs, Transformer, ffn_hidden_dim
-from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
+from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable
 
 SHAPES = {  # model and training batch; the 7b shape is LLaMA-7B's
     "small": dict(dim=512, n_layers=8, n_heads=8, batch=4, seq=256),
@@ -234,6 +233,27 @@ def rss_kib(field):
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
+def peak_memory_of(step, device: str, calls: int = 2) -> dict:
+    """Peak memory while `step` runs `calls` times, above what was in use before (MiB): the GPU allocator's, or on
+    the CPU the resident set's; on a GPU also the total."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # what building the model left in the allocator's cache is not the step's
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_above_mib": (peak - before) / 2**20, "peak_total_mib": peak / 2**20}
+    before = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM (the peak resident set) to the current resident set
+    for _ in range(calls):
+        step()
+    return {"peak_above_mib": (rss_kib("VmHWM") - before) / 1024}
+
+
 def saved_for_backward_bytes(model, loss_fn, tokens):
     """Bytes autograd holds for backward after one forward: distinct storages, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -261,23 +281,7 @@ def child_memory(args):
     model, loss_fn, aux = make_contender(args.child, args, model, model)
     tokens = torch.randint(3, margs.vocab_size, (args.batch, args.seq), device=args.device)
     step = make_step(model, lambda: loss_fn(model, tokens), aux)
-    out = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        out["peak_above_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        out["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        base = rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset VmHWM (the peak resident set) to the current resident set
-        for _ in range(2):
-            step()
-        out["peak_above_mib"] = (rss_kib("VmHWM") - base) / 1024
+    out = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **peak_memory_of(step, args.device)}
     if not (args.compile or args.grad_checkpointing):  # the hooks see through neither
         out["saved_mib"] = saved_for_backward_bytes(model, loss_fn, tokens) / 2**20
     print(json.dumps(out))
