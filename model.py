@@ -215,12 +215,14 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_id: Optional[int] = None, pad_id: int = 0, generator: Optional[torch.Generator] = None):
+                 eos_id: Optional[int] = None, pad_id: int = 0, generator: Optional[torch.Generator] = None,
+                 on_token=None):
         """Continue a batch of prompts (lists of token ids, lengths may differ) with a KV cache.
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the
         smallest set of tokens whose probability reaches top_p. A sequence stops at eos_id (kept in its
-        output). Returns one list of new token ids per prompt.
+        output). Returns one list of new token ids per prompt. on_token, if given, is called after every step
+        with the B new token ids (a list), to stream them (sample.py); it costs one host sync per step.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, each with at least one token (e.g. BOS)")
@@ -252,6 +254,8 @@ class Transformer(nn.Module):
             next_token = sample(logits[:, -1], temperature, top_p, generator)
             next_token = torch.where(done, pad_id, next_token)
             tokens[:, cur] = next_token
+            if on_token is not None:
+                on_token(next_token.tolist())
             if eos_id is not None:
                 done |= next_token == eos_id
                 if done.all():

@@ -14,14 +14,13 @@ when it is there, else from ckpt.pt (--method full: all the weights, from ckpt.p
 loaded to stderr.
 """
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
 from data.prompts import eval_prompt_tokens
-from model import KVCache, Transformer, sample
+from model import Transformer
 from moelora import MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_layers
 from runs import base_fingerprint
 from tokenizer import Tokenizer
@@ -136,52 +135,40 @@ def load_trained(model, ckpt: dict, out_dir: Path, base: Path) -> str:
     return str(source)
 
 
-def autocast(device: str, dtype):
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device, dtype=dtype)
-
-
-@torch.inference_mode()
 def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: float, top_p: float, generator,
                   dtype, out=None) -> list:
-    """Continue prompt (token ids) as model.generate does for one sequence, writing the text as it grows.
+    """Continue prompt (token ids) with model.generate, writing the text as it grows.
     Returns the new ids (ending with EOS if the model stopped)."""
-    out, device = out or sys.stdout, model.freqs_cos.device
-    total = len(prompt) + max_new_tokens
-    tokens = torch.zeros(1, total, dtype=torch.long, device=device)  # [1, total]: the prompt, then the answer
-    tokens[0, :len(prompt)] = torch.tensor(prompt)
-    positions = torch.arange(total, device=device)[None]  # [1, total]
-    mask = torch.ones(total, total, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, total, total] causal
-    new, shown, start = [], "", 0
-    with autocast(device.type, dtype):
-        cache = KVCache(model, 1, total)  # inside autocast: the cache takes the compute dtype
-        for cur in range(len(prompt), total):
-            # the first step reads the whole prompt; each later one only the token before it, the rest is cached
-            logits, _ = model(tokens[:, start:cur], positions=positions[:, start:cur],
-                              mask=mask[:, :, start:cur, :cur], cache=cache)
-            tokens[0, cur] = sample(logits[:, -1], temperature, top_p, generator)[0]
-            new.append(int(tokens[0, cur]))
-            if new[-1] == tok.eos_id:
-                break
-            # decode the whole answer each time: SentencePiece drops a leading space only at the start of a text, and a
-            # character made of several byte pieces reads U+FFFD until its last byte; print what can no longer change
-            text = tok.decode(new)
-            if text.startswith(shown) and not text.endswith("\ufffd"):
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
-            start = cur
-    text = tok.decode(new)
+    out, new, shown = out or sys.stdout, [], ""
+
+    def show(ids):  # ids: the one sequence's new token
+        nonlocal shown
+        new.append(ids[0])
+        if ids[0] == tok.eos_id:
+            return
+        # decode the whole answer each time: SentencePiece drops a leading space only at the start of a text, and a
+        # character made of several byte pieces reads U+FFFD until its last byte; print what can no longer change
+        text = tok.decode(new)
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    with torch.autocast(model.freqs_cos.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        answer = model.generate([prompt], max_new_tokens, temperature, top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                generator=generator, on_token=show)[0]
+    text = tok.decode(answer)
     out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
     out.flush()
-    return new
+    return answer
 
 
 @torch.inference_mode()
 def top1_experts(model, ids: list, dtype):
     """(layer names, [T, layers] int64: each token's top-1 expert in each adapted layer) from one forward over ids."""
     layers = moelora_layers(model)
-    with autocast(model.freqs_cos.device.type, dtype):
-        model(torch.tensor([ids], device=model.freqs_cos.device))
+    device = model.freqs_cos.device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        model(torch.tensor([ids], device=device))
     # last_top_idx: [T, k], the k chosen experts by falling gate; column 0 is the top-1
     return [name for name, _ in layers], torch.stack([layer.last_top_idx[:, 0] for _, layer in layers], 1).cpu()
 
