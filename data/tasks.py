@@ -120,10 +120,29 @@ def fetch(data_dir: Path, relative: str) -> Path:
 # -----------------------------------------------------------------------------
 # reading records, with errors that name the file and the place
 
+def read_text(path, what: str = "") -> str:
+    """A text file's contents, decoded as UTF-8 (a leading byte-order mark is dropped). A file that is not there, is
+    a directory, cannot be read or is not UTF-8 is one DataError line naming it (and the first bad byte's offset).
+    what: the flag that named the file ("--train_file"), for the message."""
+    path, name = Path(path), f"{what} {path}".strip()
+    if path.is_dir():
+        raise DataError(f"{name} is a directory, not a file: give the file inside it")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{name} not found") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
+                        "save the file as UTF-8") from None
+
+
 def read_json(path: Path) -> list:
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(records, list):
@@ -133,14 +152,14 @@ def read_json(path: Path) -> list:
 
 def read_jsonl(path: Path) -> list:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON on line {line_number}: {e.msg}") from None
+    # split at newlines only, not splitlines(): a JSON string may hold U+2028 as it is
+    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON on line {line_number}: {e.msg}") from None
     return records
 
 
