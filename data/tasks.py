@@ -140,9 +140,9 @@ def read_text(path, what: str = "") -> str:
                         "save the file as UTF-8") from None
 
 
-def read_json(path: Path) -> list:
+def read_json(path: Path, what: str = "") -> list:
     try:
-        records = json.loads(read_text(path))
+        records = json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(records, list):
@@ -150,10 +150,10 @@ def read_json(path: Path) -> list:
     return records
 
 
-def read_jsonl(path: Path) -> list:
+def read_jsonl(path: Path, what: str = "") -> list:
     records = []
     # split at newlines only, not splitlines(): a JSON string may hold U+2028 as it is
-    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+    for line_number, line in enumerate(read_text(path, what).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -163,9 +163,10 @@ def read_jsonl(path: Path) -> list:
     return records
 
 
-def read_records(path: Path, required: tuple) -> list:
-    """The records of a .json list or a .jsonl file; each must be an object holding the required keys."""
-    records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
+def read_records(path: Path, required: tuple, what: str = "") -> list:
+    """The records of a .json list or a .jsonl file; each must be an object holding the required keys.
+    what: the flag that named the file, if a user did."""
+    records = read_jsonl(path, what) if path.suffix == ".jsonl" else read_json(path, what)
     if not records:
         raise DataError(f"{path}: the dataset is empty (no records)")
     for i, record in enumerate(records):
@@ -212,11 +213,14 @@ def mawps_example(record: dict) -> dict:
 
 def adapters_example(record: dict) -> dict:
     """LLM-Adapters' files, Math10K and Commonsense170K already are examples; answers may be numbers."""
-    for key in ("instruction", "output"):
-        if key in record and not isinstance(record[key], str):
-            raise ValueError(f'"{key}" is {json.dumps(record[key])}, not a string')
-    return make_example(record["instruction"], record.get("output", ""), str(record.get("answer", "")),
-                        record.get("input") or "")
+    for key in ("instruction", "input", "output"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f'"{key}" is {json.dumps(record[key])[:60]}, not a string')
+    answer = record.get("answer", "")
+    # a number or a string; anything else (null, a list, an object, true) would be graded as its Python repr
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f'"answer" is {json.dumps(answer)[:60]}: give a string or a number')
+    return make_example(record["instruction"], record.get("output") or "", str(answer), record.get("input") or "")
 
 
 def convert(records: list, path: Path, to_example) -> list:
@@ -225,7 +229,7 @@ def convert(records: list, path: Path, to_example) -> list:
         try:
             examples.append(to_example(record))
         except (ValueError, AttributeError, TypeError) as e:
-            raise DataError(f"{path}: record {i} could not be read: {e!r}") from None
+            raise DataError(f"{path}: record {i}: {e}") from None
     return examples
 
 
@@ -255,18 +259,14 @@ def load_train_file(train_file) -> list:
     """A Math10K / Commonsense170K style file: a JSON list (or JSONL) of {instruction, input, output, answer};
     input may be absent (empty) and so may answer (training uses only the output)."""
     path = Path(train_file)
-    if not path.is_file():
-        raise DataError(f"--train_file {path.resolve()} not found")
-    return convert(read_records(path, ("instruction", "output")), path, adapters_example)
+    return convert(read_records(path, ("instruction", "output"), "--train_file"), path, adapters_example)
 
 
 def load_eval_file(eval_file) -> list:
     """Your own test set: the --train_file format with an "answer" on every record (what grading compares with);
     an "output" (a reference response) is optional and gives the answer loss."""
     path = Path(eval_file)
-    if not path.is_file():
-        raise DataError(f"--eval_file {path.resolve()} not found")
-    examples = convert(read_records(path, ("instruction", "answer")), path, adapters_example)
+    examples = convert(read_records(path, ("instruction", "answer"), "--eval_file"), path, adapters_example)
     empty = [i for i, ex in enumerate(examples) if not ex["answer"].strip()]
     if empty:
         raise DataError(f"{path}: record {empty[0]} has an empty answer ({len(empty)} records do): grading needs one")

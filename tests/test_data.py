@@ -17,7 +17,7 @@ from data.mixtures import (MIXTURE_SOURCES, format_mixture_report, load_benchmar
                            load_mixture, normalize_question, overlaps, shared_questions)
 from data.prompts import IGNORE_INDEX, eval_prompt_tokens, format_prompt, tokenize_dataset, tokenize_example
 from data.tasks import (ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, MATH_TASKS, DataError, find_data_dir,
-                        load_split, load_train_file)
+                        load_eval_file, load_split, load_train_file)
 
 REAL_DOWNLOAD = tasks.download  # kept for the one test that downloads from a local file:// URL
 
@@ -370,6 +370,36 @@ def test_empty_and_wrongly_shaped_datasets(tmp_path):
     write(tmp_path / "llm-adapters/dataset/openbookqa/test.json", '{"instruction": "q"}')
     with pytest.raises(DataError, match="expected a JSON list of records, found a dict"):
         load_split("obqa", "test", tmp_path)
+
+
+def test_user_files_are_utf8_and_bad_ones_are_one_line(tmp_path):
+    record = {"instruction": "Combien coûte le café ?", "output": "2 euros", "answer": "2"}
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([record], ensure_ascii=False).encode())
+    assert load_eval_file(bom)[0]["instruction"] == record["instruction"]  # a byte-order mark is dropped
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(record, ensure_ascii=False).encode("latin-1"))
+    offset = json.dumps(record, ensure_ascii=False).index("û")
+    for load, flag in ((load_eval_file, "--eval_file"), (load_train_file, "--train_file")):
+        with pytest.raises(DataError) as error:
+            load(latin1)
+        assert str(error.value) == (f"{flag} {latin1}: not UTF-8 text: byte 0xfb at offset {offset} (invalid start "
+                                    "byte); save the file as UTF-8")
+        with pytest.raises(DataError, match=f"^{flag} {tmp_path} is a directory, not a file"):
+            load(tmp_path)
+        with pytest.raises(DataError, match=f"^{flag} {tmp_path / 'no.json'} not found$"):
+            load(tmp_path / "no.json")
+
+
+@pytest.mark.parametrize("answer", [None, {"a": 1}, [3], True])
+def test_an_answer_must_be_a_string_or_a_number(tmp_path, answer):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([{"instruction": "q", "answer": "1"}, {"instruction": "q2", "answer": answer}]))
+    with pytest.raises(DataError) as error:  # before: graded as the strings "None", "{'a': 1}"...
+        load_eval_file(path)
+    assert str(error.value) == f'{path}: record 1: "answer" is {json.dumps(answer)}: give a string or a number'
+    path.write_text(json.dumps([{"instruction": "q", "answer": 12}, {"instruction": "q2", "answer": 0.5}]))
+    assert [ex["answer"] for ex in load_eval_file(path)] == ["12", "0.5"]
 
 
 def test_unknown_task_and_split():
