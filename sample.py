@@ -10,16 +10,21 @@ trained on, and stream the answer token by token (the name is nanoGPT's).
     python sample.py --out_dir out --temperature 0.8 --top_p 0.9 --seed 1 "..."
 
 The settings come from out_dir/ckpt.pt (which base, which method); the adapters from out_dir/adapter.safetensors
-when it is there, else from ckpt.pt (--method full: all the weights, from ckpt.pt). Answers go to stdout, what was
-loaded to stderr.
+when it is there, else from ckpt.pt (--method full: all the weights, from ckpt.pt). Answers go to stdout; what was
+loaded, and after each answer its length, speed and whether a limit cut it, go to stderr:
+
+    (256 tokens, first after 0.05 s, 310 tok/s; cut at --max_new_tokens 256: raise it for a longer answer)
 """
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from data.prompts import eval_prompt_tokens
+from data.tasks import DataError, read_text
 from model import Transformer
 from moelora import MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_layers
 from runs import base_fingerprint
@@ -50,8 +55,22 @@ def parse_args(argv=None):
                         (0 < args.top_p <= 1, f"--top_p {args.top_p} must be in (0, 1]")):
         if not ok:
             raise SystemExit(f"error: {problem}")
+    for i, text in enumerate(args.questions):
+        check_utf8(text, f"question {i + 1}" if len(args.questions) > 1 else "the question")
+    check_utf8(args.input, "--input")
     args.routing = args.routing or args.routing_png is not None
     return args
+
+
+def check_utf8(text: str, what: str):
+    """A command line's bytes that are not UTF-8 reach Python as surrogates, which the tokenizer refuses with a
+    traceback after the model's load: one line now instead, as read_text gives for a file."""
+    data = os.fsencode(text)  # the bytes as typed: fsencode turns those surrogates back into them
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {what} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                         f"({e.reason}); set your terminal to UTF-8")
 
 
 def read_questions(args) -> list:
@@ -62,26 +81,51 @@ def read_questions(args) -> list:
     lines = []
     if args.file:
         try:
-            lines += Path(args.file).read_text().splitlines()
-        except OSError as e:
-            raise SystemExit(f"error: cannot read --file {args.file} ({e.strerror})")
+            lines += read_text(args.file, "--file").splitlines()
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
     if "-" in given or (not given and not args.file and not sys.stdin.isatty()):
-        lines += sys.stdin.read().splitlines()
+        lines += read_stdin().splitlines()
     questions = [q for q in given if q != "-"] + [line.strip() for line in lines if line.strip()]
+    if not questions and args.file and not given:
+        raise SystemExit(f"error: --file {args.file} holds no question: only blank lines, or none")
     if not questions:
         raise SystemExit("error: no question: give one on the command line, in --file, or on stdin")
     return questions
 
 
+def read_stdin() -> str:
+    """stdin decoded as UTF-8, as read_text decodes a file: the bytes themselves, since sys.stdin's own decoding
+    depends on the locale and may let bad bytes through as surrogates that fail later, inside the tokenizer."""
+    if not hasattr(sys.stdin, "buffer"):  # already text (a StringIO in the tests)
+        return sys.stdin.read()
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: stdin is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                         f"({e.reason}); convert it to UTF-8 (iconv -t UTF-8)")
+
+
 def read_checkpoint(out_dir: Path) -> dict:
     path = out_dir / "ckpt.pt"
+    if out_dir.is_file():
+        raise SystemExit(f"error: --out_dir {out_dir} is a file: give the run's folder, where train.py wrote ckpt.pt"
+                         + (f" (--out_dir {out_dir.parent})" if out_dir.name == "ckpt.pt" else ""))
     if not path.is_file():
         raise SystemExit(f"error: no {path}: train a run first (python train.py --out_dir {out_dir}), or point "
                          "--out_dir at one")
+    if path.stat().st_size == 0:
+        raise SystemExit(f"error: {path} is empty: the run did not save it, or a copy of it failed")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as e:
-        raise SystemExit(f"error: cannot read {path} ({str(e).splitlines()[0]})")
+        # torch's first sentence says what failed; the rest of a damaged zip's message is advice on several lines
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot read {path} ({why}): it is damaged, or not a checkpoint train.py wrote")
+    if not isinstance(ckpt, dict) or not {"config", "step", "weights", "base"} <= ckpt.keys():
+        raise SystemExit(f"error: {path} is not a checkpoint train.py wrote (it has no run config, step and weights)")
+    return ckpt
 
 
 def load_model(args, ckpt: dict, device: str, dtype):
@@ -100,16 +144,19 @@ def load_model(args, ckpt: dict, device: str, dtype):
         raise SystemExit(f"error: cannot load the base model {base}: {e}")
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"error: {base}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    precision = str(dtype)
     if config.get("quantize") == "int8":  # as train.py: the base is quantized before the adapters go in
-        from quantize import quantize_int8
+        from quantize import Int8Linear, quantize_int8
         quantize_int8(model)
+        group = next(m.group_size for m in model.modules() if isinstance(m, Int8Linear))
+        precision = f"int8 base (a scale per {group} weights), computing in {str(dtype).removeprefix('torch.')}"
     fingerprint = base_fingerprint(model)
     what = "no adapter" if args.no_adapter else load_trained(model, ckpt, out_dir, base)
     sums, saved = torch.tensor(fingerprint["sums"]), torch.tensor(ckpt["base"]["sums"])
     if not torch.allclose(sums, saved, rtol=1e-2, atol=1e-2):  # loose: the run may have held the base in bf16
         print(f"warning: {base} is not the base the run was trained on (weight sums {fingerprint['sums']}, the run's "
               f"{ckpt['base']['sums']}): its answers may be nonsense", file=sys.stderr)
-    print(f"{base} + {what} ({config['method']}, step {ckpt['step']}), {device}, {dtype}", file=sys.stderr)
+    print(f"{base} + {what} ({config['method']}, step {ckpt['step']}), {device}, {precision}", file=sys.stderr)
     return model.eval(), tok
 
 
@@ -136,13 +183,17 @@ def load_trained(model, ckpt: dict, out_dir: Path, base: Path) -> str:
 
 
 def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: float, top_p: float, generator,
-                  dtype, out=None) -> list:
-    """Continue prompt (token ids) with model.generate, writing the text as it grows.
-    Returns the new ids (ending with EOS if the model stopped)."""
-    out, new, shown = out or sys.stdout, [], ""
+                  dtype, out=None) -> tuple:
+    """Continue prompt (token ids) with model.generate, writing the text as it grows. Returns (the new ids, ending
+    with EOS if the model stopped; seconds from the call to the first token (the prefill); seconds from the first
+    token to the last (the decoding))."""
+    out, new, shown, arrived = out or sys.stdout, [], "", []
 
     def show(ids):  # ids: the one sequence's new token
         nonlocal shown
+        # ids are host ints: generate's .tolist() has waited for the GPU's step, so on CUDA too this clock reads when
+        # the token exists, without a torch.cuda.synchronize (and start, below, follows the last .tolist() or .cpu())
+        arrived.append(time.perf_counter())
         new.append(ids[0])
         if ids[0] == tok.eos_id:
             return
@@ -153,13 +204,35 @@ def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: fl
             out.write(text[len(shown):])
             out.flush()
             shown = text
+    start = time.perf_counter()
     with torch.autocast(model.freqs_cos.device.type, dtype=dtype, enabled=dtype != torch.float32):
         answer = model.generate([prompt], max_new_tokens, temperature, top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                 generator=generator, on_token=show)[0]
     text = tok.decode(answer)
     out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
     out.flush()
-    return answer
+    return answer, arrived[0] - start, arrived[-1] - arrived[0]
+
+
+def answer_stats(n_tokens: int, first_s: float, rest_s: float, cut: str = "") -> str:
+    """The line on stderr after an answer: its tokens (EOS included: it took a step too), the time to the first
+    (the prefill), the decoding speed over the tokens after the first, and the limit that cut it, if one did."""
+    stats = f"{n_tokens} token{'s' * (n_tokens != 1)}, first after {first_s:.2f} s"
+    if n_tokens > 1:
+        rate = (n_tokens - 1) / max(rest_s, 1e-9)
+        stats += f", {rate:.1f} tok/s" if rate < 10 else f", {rate:.0f} tok/s"
+    return f"({stats}; {cut})" if cut else f"({stats})"
+
+
+def cut_by(answer: list, eos_id: int, max_new_tokens: int, n_prompt: int, max_seq_len: int) -> str:
+    """Which limit stopped the answer before the model's EOS, and how to move it; "" when the model ended it."""
+    room = max_seq_len - n_prompt  # what the context leaves after the prompt
+    if answer[-1] == eos_id or len(answer) < min(max_new_tokens, room):
+        return ""
+    if max_new_tokens < room:
+        return f"cut at --max_new_tokens {max_new_tokens}: raise it for a longer answer"
+    return (f"cut at the model's context: {max_seq_len} tokens, {n_prompt} of them the prompt; a shorter question "
+            "leaves more room")
 
 
 @torch.inference_mode()
@@ -196,13 +269,36 @@ def print_routing(pieces: list, n_prompt: int, names: list, top1, num_experts: i
           + "  ".join(f"e{e} {100 * s:.1f}%" for e, s in enumerate(share.tolist())))
 
 
-def save_routing_png(path: str, pieces: list, n_prompt: int, names: list, top1, num_experts: int):
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: --routing_png needs matplotlib (pip install matplotlib); --routing prints the table")
+    return plt
+
+
+def check_routing_png(path: str):
+    """Fail now, not after the model's load and the answers (minutes on a large base), if the picture cannot be
+    written or drawn."""
+    png, folder = Path(path), Path(path).parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: --routing_png {path}: " + (f"{folder} is a file, not a folder" if folder.exists()
+                                                             else f"there is no folder {folder}"))
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: --routing_png {path}: cannot write in the folder {folder}")
+    if png.is_dir():
+        raise SystemExit(f"error: --routing_png {path} is a folder: give a file name, e.g. {png / 'routing.png'}")
+    if png.suffix.lower() != ".png":
+        raise SystemExit(f"error: --routing_png {path} must be a file name ending in .png")
+    if png.exists() and not os.access(png, os.W_OK):
+        raise SystemExit(f"error: --routing_png {path}: the file is there and cannot be overwritten")
+    pyplot()
+
+
+def save_routing_png(path: str, pieces: list, n_prompt: int, names: list, top1, num_experts: int):
+    plt = pyplot()
     T, L = top1.shape
     fig, ax = plt.subplots(figsize=(2 + 0.4 * L, 1 + 0.16 * T))
     cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20", num_experts)
@@ -212,8 +308,12 @@ def save_routing_png(path: str, pieces: list, n_prompt: int, names: list, top1, 
     ax.axhline(n_prompt - 0.5, color="black", linewidth=1)  # the answer starts below the line
     fig.colorbar(im, ticks=range(num_experts), label="top-1 expert")
     ax.set_title("top-1 expert per token and layer")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    except OSError as e:  # checked before the answers, but a disk fills and a folder goes
+        raise SystemExit(f"error: cannot write --routing_png {path} ({e.strerror})")
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None):
@@ -224,6 +324,8 @@ def main(argv=None):
     if args.routing and (args.no_adapter or num_experts < 2):
         raise SystemExit("error: --routing shows the experts of a MoELoRA run with more than one; " +
                          ("--no_adapter has none" if args.no_adapter else f"this is a --method {method} run"))
+    if args.routing_png:
+        check_routing_png(args.routing_png)
     questions = read_questions(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32  # on a GPU, bf16 (or fp16) weights under autocast, as train.py
@@ -231,15 +333,21 @@ def main(argv=None):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     model, tok = load_model(args, ckpt, device, dtype)
     generator = torch.Generator(device).manual_seed(args.seed)
+    prompts = [eval_prompt_tokens(tok, {"instruction": q, "input": args.input}) for q in questions]  # BOS + template
+    for i, prompt in enumerate(prompts):  # all of them before the first answer
+        if len(prompt) >= model.args.max_seq_len:
+            which = f"question {i + 1}'s prompt" if len(prompts) > 1 else "the prompt"
+            raise SystemExit(f"error: {which} has {len(prompt)} tokens; the model reads at most "
+                             f"{model.args.max_seq_len}, answer included: shorten it")
     results = []
-    for q in questions:
+    for q, prompt in zip(questions, prompts):
         if len(questions) > 1:
             print(f"> {q}")
-        prompt = eval_prompt_tokens(tok, {"instruction": q, "input": args.input})  # BOS + the training template
         budget = min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
-        if budget < 1:
-            raise SystemExit(f"error: the prompt has {len(prompt)} tokens; the model reads at most {model.args.max_seq_len}")
-        answer = stream_answer(model, tok, prompt, budget, args.temperature, args.top_p, generator, dtype)
+        answer, first_s, rest_s = stream_answer(model, tok, prompt, budget, args.temperature, args.top_p, generator,
+                                                dtype)
+        cut = cut_by(answer, tok.eos_id, args.max_new_tokens, len(prompt), model.args.max_seq_len)
+        print(answer_stats(len(answer), first_s, rest_s, cut), file=sys.stderr)
         top1 = None  # [T, layers] with --routing
         if args.routing:
             names, top1 = top1_experts(model, prompt + answer, dtype)
@@ -248,7 +356,7 @@ def main(argv=None):
             if args.routing_png:
                 save_routing_png(args.routing_png, pieces, len(prompt), names, top1, num_experts)
                 print(f"(routing picture in {args.routing_png})")
-        results.append({"question": q, "prompt": prompt, "answer": answer, "routing": top1})
+        results.append({"question": q, "prompt": prompt, "answer": answer, "routing": top1, "cut": bool(cut)})
     return results
 
 

@@ -1,9 +1,13 @@
-"""sample.py on tiny runs of train.py: the streamed answer, the adapter it loads, the routing table, bad input."""
+"""sample.py on tiny runs of train.py: the streamed answer, its speed and cut mark, the adapter it loads, the routing
+table, bad input."""
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from dataclasses import asdict
 
@@ -73,7 +77,7 @@ def test_streamed_answer_is_greedy_generate_on_the_training_prompt(moe_run, caps
     # ... and it was written piece by piece, not at the end
     writes = []
     out_file = Namespace(write=writes.append, flush=lambda: None)
-    again = sample.stream_answer(model, tok, result["prompt"], 20, 0.0, 1.0, None, torch.float32, out_file)
+    again, _, _ = sample.stream_answer(model, tok, result["prompt"], 20, 0.0, 1.0, None, torch.float32, out_file)
     assert again == expected and len(writes) > 5 and "".join(writes) == tok.decode(expected) + "\n"
 
 
@@ -174,15 +178,19 @@ def test_a_run_moved_with_its_built_in_base(moe_run, tmp_path):
     assert result["answer"] == sample.main(["--out_dir", str(moe_run), "--max_new_tokens", "5", QUESTION])[0]["answer"]
 
 
-def test_int8_run_samples_as_it_was_graded(tmp_path):
+def test_int8_run_samples_as_it_was_graded(tmp_path, capsys):
     pytest.importorskip("quantize")
     if "quantize" not in vars(train.parse_args([])):
         pytest.skip("train.py has no --quantize yet")
     run = tiny_run(tmp_path, "--quantize", "int8", "--eval_limit", "1")
     question = load_split("gsm8k", "test", shared_path("data"))[0]["instruction"]
     prediction = json.loads((run / "predictions_gsm8k_first1.jsonl").read_text().splitlines()[0])["prediction"]
+    capsys.readouterr()  # training's output
     result, = sample.main(["--out_dir", str(run), "--max_new_tokens", "12", question])
     assert Tokenizer.from_dir(shared_path("models/stories260K-hf")).decode(result["answer"]) == prediction
+    # what was loaded names the base's storage, not the float dtype it computes in
+    loaded = capsys.readouterr().err.splitlines()[0]
+    assert loaded.endswith("(moelora, step 4), cpu, int8 base (a scale per 64 weights), computing in float32"), loaded
 
 
 def other_base(path):
@@ -204,7 +212,6 @@ def test_bad_input_is_one_line_error(moe_run, lora_run, tmp_path):
         (["--out_dir", str(lora_run), "--routing", QUESTION], "--routing .* this is a --method lora run"),
         (["--out_dir", str(moe_run), "--routing", "--no_adapter", QUESTION], "--routing .* --no_adapter has none"),
         (["--out_dir", str(moe_run), "  "], "empty question"),
-        (["--out_dir", str(moe_run), "--file", str(tmp_path / "missing.txt")], "cannot read --file"),
         (["--out_dir", str(moe_run), "--top_p", "0", QUESTION], "--top_p"),
     ]
     for argv, message in cases:
@@ -231,8 +238,137 @@ def test_the_gpus_bf16_path_on_the_cpu(moe_run, capsys):
                                    "cpu", torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     prompt = eval_prompt_tokens(tok, {"instruction": QUESTION})
-    answer = sample.stream_answer(model, tok, prompt, 8, 0.0, 1.0, None, torch.bfloat16)
+    answer, _, _ = sample.stream_answer(model, tok, prompt, 8, 0.0, 1.0, None, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert answer == model.generate([prompt], 8, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
     names, top1 = sample.top1_experts(model, prompt + answer, torch.bfloat16)
     assert top1.shape == (len(prompt) + len(answer), 10) and 0 <= top1.min() and top1.max() < 4
+
+
+STATS = re.compile(r"^\((\d+) tokens?, first after (\d+\.\d\d) s(?:, ([\d.]+) tok/s)?(?:; (cut at .*))?\)$")
+
+
+def answer_stats(err: str):
+    """(tokens, seconds to the first, tokens/s, the cut mark or None) from each answer's line on stderr."""
+    found = [STATS.match(line) for line in err.splitlines()]
+    return [(int(m[1]), float(m[2]), m[3] and float(m[3]), m[4]) for m in found if m]
+
+
+def test_each_answer_is_followed_by_its_speed_on_stderr(moe_run, monkeypatch, capsys):
+    start = time.perf_counter()
+    results = sample.main(["--out_dir", str(moe_run), "--max_new_tokens", "20", QUESTION, "What is 2 plus 2?"])
+    wall = time.perf_counter() - start
+    out, err = capsys.readouterr()
+    stats = answer_stats(err)
+    assert [n for n, *_ in stats] == [len(r["answer"]) for r in results] == [20, 20]
+    assert not STATS.search(out)  # stdout holds the answers alone
+    for n, first_s, rate, _ in stats:
+        assert 0 <= first_s < wall and rate > 0 and first_s + (n - 1) / rate < wall  # (0.00 s: a prefill under 5 ms)
+    # the arithmetic, on a clock that moves only when read: the call at 0, the first token at 0.25 s, then one
+    # token each 0.02 s: 4 tokens after the first in 0.08 s are 50 tokens/s
+    ticks = iter([0.0, 0.25, 0.27, 0.29, 0.31, 0.33])
+    monkeypatch.setattr(sample, "time", Namespace(perf_counter=lambda: next(ticks)))
+    sample.main(["--out_dir", str(moe_run), "--max_new_tokens", "5", QUESTION])
+    assert answer_stats(capsys.readouterr().err) == [(5, 0.25, 50.0, "cut at --max_new_tokens 5: raise it for a "
+                                                                    "longer answer")]
+    assert sample.answer_stats(1, 2.0, 0.0) == "(1 token, first after 2.00 s)"  # no speed from one token
+    assert sample.answer_stats(3, 0.5, 4.0) == "(3 tokens, first after 0.50 s, 0.5 tok/s)"  # a large base on a CPU
+
+
+def test_a_cut_answer_is_marked_and_one_the_model_ended_is_not(moe_run, monkeypatch, capsys):
+    cut, = sample.main(["--out_dir", str(moe_run), "--max_new_tokens", "5", QUESTION])
+    assert cut["cut"] and len(cut["answer"]) == 5
+    assert answer_stats(capsys.readouterr().err)[0][3] == "cut at --max_new_tokens 5: raise it for a longer answer"
+    # stories260K runs on for hundreds of tokens without EOS: make the 5th token of that answer play EOS, so that the
+    # model ends the answer at the 5th token, exactly at --max_new_tokens
+    eos = cut["answer"][4]
+    assert eos not in cut["answer"][:4]
+    load_model = sample.load_model
+
+    def with_that_eos(*args):
+        model, tok = load_model(*args)
+        tok.eos_id = eos
+        return model, tok
+    monkeypatch.setattr(sample, "load_model", with_that_eos)
+    ended, = sample.main(["--out_dir", str(moe_run), "--max_new_tokens", "5", QUESTION])
+    assert ended["answer"] == cut["answer"] and not ended["cut"]
+    n, _, _, cut_mark = answer_stats(capsys.readouterr().err)[0]
+    assert n == 5 and cut_mark is None
+
+
+def test_an_answer_cut_by_the_context_says_so(moe_run, capsys):
+    # stories260K reads 512 tokens: a question that leaves a few of them for the answer, under --max_new_tokens 256
+    tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
+    question = "apples " * 80
+    while len(eval_prompt_tokens(tok, {"instruction": question})) < 500:
+        question += "apples "
+    result, = sample.main(["--out_dir", str(moe_run), question])
+    n_prompt = len(result["prompt"])
+    assert 490 < n_prompt < 512
+    assert result["cut"] and len(result["answer"]) == 512 - n_prompt
+    context = f"cut at the model's context: 512 tokens, {n_prompt} of them the prompt; a shorter question leaves more room"
+    assert answer_stats(capsys.readouterr().err)[0][3] == context
+    # --max_new_tokens just fills the context: raising it would not help, a shorter question would
+    sample.main(["--out_dir", str(moe_run), "--max_new_tokens", str(512 - n_prompt), question])
+    assert answer_stats(capsys.readouterr().err)[0][3] == context
+    # a prompt that fills the context is refused before the first question is answered
+    with pytest.raises(SystemExit, match=r"^error: question 2's prompt has \d+ tokens; the model reads at most 512"):
+        sample.main(["--out_dir", str(moe_run), QUESTION, "apples " * 600])
+    assert capsys.readouterr().out == ""
+
+
+def test_bad_input_is_one_line_before_the_model_is_loaded(moe_run, tmp_path, monkeypatch):
+    def load_model(*args):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(sample, "load_model", load_model)
+    (tmp_path / "latin1.txt").write_bytes("Combien coûte 1 café ?\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "a_file").write_text("x")
+    for name, data in (("truncated", (moe_run / "ckpt.pt").read_bytes()[:1000]), ("empty", b"")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(data)
+    (tmp_path / "not_a_run").mkdir()
+    torch.save({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, tmp_path / "not_a_run" / "ckpt.pt")
+    run = ["--out_dir", str(moe_run)]
+    png = run + ["--routing_png"]
+    cases = [
+        (run + ["--file", str(tmp_path / "latin1.txt")], r"--file .*latin1.txt: not UTF-8 text: byte 0xfb at offset 10"),
+        (run + ["--file", str(tmp_path / "missing.txt")], "--file .*missing.txt not found"),
+        (run + ["--file", str(tmp_path)], "--file .* is a directory"),
+        (run + ["--file", str(tmp_path / "blank.txt")], "--file .*blank.txt holds no question"),
+        (png + [str(tmp_path / "no" / "such" / "r.png"), QUESTION], "--routing_png .*: there is no folder .*such$"),
+        (png + [str(tmp_path / "a_file" / "r.png"), QUESTION], "--routing_png .*: .*a_file is a file, not a folder"),
+        (png + [str(tmp_path), QUESTION], "--routing_png .* is a folder: give a file name, e.g. .*routing.png"),
+        (png + [str(tmp_path / "r.jpg"), QUESTION], "--routing_png .*r.jpg must be a file name ending in .png"),
+        (["--out_dir", str(tmp_path / "a_file"), QUESTION], "--out_dir .*a_file is a file: give the run's folder"),
+        (["--out_dir", str(moe_run / "ckpt.pt"), QUESTION], f"--out_dir .* is a file: .* \\(--out_dir {moe_run}\\)"),
+        (["--out_dir", str(tmp_path / "truncated"), QUESTION], r"cannot read .*ckpt.pt \(PytorchStreamReader failed"),
+        (["--out_dir", str(tmp_path / "empty"), QUESTION], ".*ckpt.pt is empty"),
+        (["--out_dir", str(tmp_path / "not_a_run"), QUESTION], ".*ckpt.pt is not a checkpoint train.py wrote"),
+        (run + ["--max_new_tokens", "0", QUESTION], "--max_new_tokens 0 must be > 0"),
+        # a command line's bytes that are not UTF-8 reach Python as surrogates: "café?" typed in a latin-1 terminal
+        (run + ["caf\udce9?"], r"the question is not UTF-8 text: byte 0xe9 at offset 3"),
+        (run + ["--input", "caf\udce9", QUESTION], r"--input is not UTF-8 text: byte 0xe9 at offset 3"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match="^error: " + message) as e:
+            sample.main(argv)
+        assert "\n" not in str(e.value), argv
+    # stdin that is not UTF-8, as a pipe gives it (bytes under the text layer)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("un café\n".encode("latin-1"))))
+    with pytest.raises(SystemExit, match="^error: stdin is not UTF-8 text: byte 0xe9 at offset 6"):
+        sample.main(run)
+    # a folder that cannot be written in, and no matplotlib (an optional package)
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda path, mode: False)  # as a read-only folder answers, even to root
+        with pytest.raises(SystemExit, match="^error: --routing_png .*: cannot write in the folder"):
+            sample.main(png + [str(tmp_path / "r.png"), QUESTION])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+        with pytest.raises(SystemExit, match=r"^error: --routing_png needs matplotlib \(pip install matplotlib\)"):
+            sample.main(png + [str(tmp_path / "r.png"), QUESTION])
+    # from the command line, with a real pipe: the one line, no traceback
+    r = subprocess.run([sys.executable, "sample.py", "--out_dir", str(moe_run)], input=b"caf\xe9?\n", cwd=ROOT,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.decode() == "error: stdin is not UTF-8 text: byte 0xe9 at offset 3 " \
+        "(invalid continuation byte); convert it to UTF-8 (iconv -t UTF-8)\n"
