@@ -214,7 +214,7 @@ def mawps_example(record: dict) -> dict:
 def adapters_example(record: dict) -> dict:
     """LLM-Adapters' files, Math10K and Commonsense170K already are examples; answers may be numbers."""
     for key in ("instruction", "input", "output"):
-        if record.get(key) is not None and not isinstance(record[key], str):
+        if key in record and not isinstance(record[key], str) and not (key == "input" and record[key] is None):
             raise ValueError(f'"{key}" is {json.dumps(record[key])[:60]}, not a string')
     answer = record.get("answer", "")
     # a number or a string; anything else (null, a list, an object, true) would be graded as its Python repr
