@@ -11,10 +11,14 @@ out_dir and its files, checkpoints that resume exactly, and stopping on a signal
     catch_stop_signals, stop_requested, stop_non_finite       stop after the step, saved; or stop before harm
 """
 import contextlib
+import hashlib
 import json
+import math
 import os
 import random
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +30,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from moelora import load_moelora_state_dict, moelora_state_dict, save_moelora
+
+
+RUN_JSON = "run.json"  # what a run was: every setting, the base, the data, the code; written before its first step
 
 
 @dataclass
@@ -84,7 +91,24 @@ def setup_precision(dtype: str, device: str):
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if amp_dtype == torch.bfloat16 and not cuda and cpu_has_native_bf16() is False:
+        tqdm.write("WARNING: --dtype bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16): torch falls back to "
+                   "a slow path, 150x float32's time for a 2048-wide matmul on an AVX2 CPU (measured). Use --dtype fp32")
     return amp_dtype, torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes in bf16 natively (True), by emulation (False), or it cannot be told (None: not
+    Linux on x86). oneDNN uses AVX512-BF16 or AMX when the CPU has them, unless ONEDNN_MAX_CPU_ISA caps it below."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(info.split())
+    if "avx2" not in flags and "avx" not in flags:
+        return None  # not an x86 CPU (ARM's "bf16" feature goes another way): no claim
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and (capped == "ALL" or any(isa in capped for isa in ("BF16", "FP16", "AMX", "AVX10")))
 
 
 def all_reduce_sum(x: float, run: Run) -> float:
@@ -95,47 +119,193 @@ def all_reduce_sum(x: float, run: Run) -> float:
     return t.item()
 
 
-def prepare_out_dir(args, run: Run):
-    """Before any expensive work: out_dir is writable, and a run never replaces earlier work unasked."""
-    ckpt, log = run.out_dir / "ckpt.pt", run.out_dir / "metrics.jsonl"
-    try:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        probe = run.out_dir / f".write_test_{run.rank}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to --out_dir {run.out_dir} ({e.strerror}); choose another --out_dir")
+def check_out_dir(args, run: Run):
+    """Before any work, and without writing anything: out_dir can be written, and a run never replaces earlier
+    work unasked. Nothing in out_dir changes until prepare_out_dir, once every other check has passed too."""
+    ckpt = run.out_dir / "ckpt.pt"
+    existing = next(p for p in (run.out_dir, *run.out_dir.absolute().parents) if p.exists())  # the folder to write in
+    if not existing.is_dir():
+        raise SystemExit(f"error: cannot write to --out_dir {run.out_dir} ({existing} is a file); choose another --out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: cannot write to --out_dir {run.out_dir} ({existing}: permission denied); choose "
+                         "another --out_dir")
     if args.eval_only:
         return
     if args.resume and not ckpt.exists():
         raise SystemExit(f"error: --resume given but {ckpt} does not exist; leave out --resume to start a new run")
     if ckpt.exists() and not args.resume and not args.overwrite:
         raise SystemExit(f"error: {run.out_dir} holds a checkpoint (ckpt.pt) of an earlier run: continue it with --resume, "
-                         "start over with --overwrite (replaces it and metrics.jsonl), or choose another --out_dir")
-    if run.rank != 0 or args.resume:
+                         "start over with --overwrite (moves the earlier run into out_dir/earlier_<time>/), or choose "
+                         "another --out_dir")
+
+
+# what a run writes into out_dir: --overwrite moves all of it aside, together
+RUN_FILES = ("ckpt.pt", "adapter.safetensors", "metrics.jsonl", "metrics.jsonl.old", RUN_JSON, "curves.png", "best",
+             "checkpoints", "metrics_*.json", "predictions_*.jsonl", "results_*.json", "results_*.md", "routing_*")
+
+
+def prepare_out_dir(args, run: Run, run_info: dict):
+    """Once every check has passed: make out_dir, move an earlier run aside (--overwrite), and write run.json (rank 0).
+    A resumed run keeps its run.json: it was checked against this one's settings already."""
+    if run.rank != 0:
+        return
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.eval_only:  # grading writes its own files; the run (if any) is left as it is
         return
     if args.overwrite:
-        for f in (ckpt, run.out_dir / "adapter.safetensors", log):
-            f.unlink(missing_ok=True)
-        move_results_aside(run)
-    elif log.exists():  # a run that stopped before its first checkpoint: keep its log aside, start a new one
+        move_run_aside(run)
+    elif not args.resume and (run.out_dir / "metrics.jsonl").exists():  # a run that stopped before its first checkpoint
+        log = run.out_dir / "metrics.jsonl"
         os.replace(log, log.with_name("metrics.jsonl.old"))
         run.log(f"moved the metrics.jsonl of an earlier run that saved no checkpoint to {log.with_name('metrics.jsonl.old')}")
+    if not args.resume or not (run.out_dir / RUN_JSON).exists():
+        atomic_write_text(run.out_dir / RUN_JSON, json.dumps(run_info, indent=2) + "\n")
 
 
-RESULT_FILES = ("metrics_*.json", "predictions_*.jsonl", "results_*.json", "results_*.md", "routing_*")
-
-
-def move_results_aside(run: Run):
-    """--overwrite: the earlier run's gradings move to out_dir/earlier_<time>/, so that no result file in out_dir
-    can be mistaken for the new run's, and none is lost."""
-    earlier = [f for pattern in RESULT_FILES for f in sorted(run.out_dir.glob(pattern)) if f.is_file()]
+def move_run_aside(run: Run):
+    """--overwrite: everything the earlier run wrote (checkpoints, adapter, logs, gradings) moves, never deleted, to
+    out_dir/earlier_<time>/, so that no file in out_dir can be mistaken for the new run's."""
+    earlier = sorted({f for pattern in RUN_FILES for f in run.out_dir.glob(pattern)})
     if earlier:
         aside = run.out_dir / time.strftime("earlier_%Y%m%d-%H%M%S")
-        aside.mkdir(exist_ok=True)
+        while aside.exists():  # two overwrites within a second
+            aside = aside.with_name(aside.name + "_")
+        aside.mkdir()
         for f in earlier:
             os.replace(f, aside / f.name)
-        run.log(f"--overwrite: moved the earlier run's {len(earlier)} result files to {aside}")
+        run.log(f"--overwrite: moved the earlier run's {len(earlier)} files to {aside}")
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> dict:
+    """The commit of the code that runs, and whether files differ from it; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changed = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return {"commit": sha.stdout.strip(), "modified": bool(changed.stdout.strip())}
+
+
+def sha256_of(obj) -> str:
+    """Of a file's bytes (a Path), or of anything JSON writes (the examples a run reads, after conversion)."""
+    h = hashlib.sha256()
+    if isinstance(obj, Path):
+        with open(obj, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(json.dumps(obj, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def read_run_json(out_dir: Path):
+    """The run.json of the run in out_dir, or None when there is none."""
+    path = out_dir / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {path} ({e}): repair it, or delete it to fall back on ckpt.pt's settings")
+
+
+def read_run_settings(out_dir: Path):
+    """(the settings a run in out_dir recorded, the file they come from), or None when out_dir holds no run: run.json,
+    else (a run of an older version) the config inside ckpt.pt."""
+    recorded = read_run_json(out_dir)
+    if recorded is not None:
+        return recorded["settings"], out_dir / RUN_JSON
+    if (out_dir / "ckpt.pt").is_file():
+        try:  # mmap: a --method full checkpoint holds the whole model, of which only the config is read here
+            return torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"], out_dir / "ckpt.pt"
+        except Exception as e:
+            raise SystemExit(f"error: cannot read checkpoint {out_dir / 'ckpt.pt'} ({str(e).splitlines()[0]}); it may be "
+                             "truncated or not a checkpoint: delete it or choose another --out_dir")
+    return None
+
+
+def link_or_copy(src: Path, dst: Path):
+    """dst becomes src's contents, atomically. A hard link costs nothing: ckpt.pt is later replaced by a new file (a
+    rename), which leaves the linked one as it was."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def keep_checkpoint(run: Run, step: int, keep_last: int):
+    """--keep_last K: the checkpoint just saved is also out_dir/checkpoints/step_<n>.pt; older ones beyond K go."""
+    if run.rank != 0 or keep_last == 0:
+        return
+    folder = run.out_dir / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    link_or_copy(run.out_dir / "ckpt.pt", folder / f"step_{step:07d}.pt")
+    for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def keep_best(run: Run, step: int, val_loss: float):
+    """The checkpoint just saved, the best so far by validation loss: out_dir/best/ (ckpt.pt, its adapter, best.json)."""
+    if run.rank != 0:
+        return
+    best = run.out_dir / "best"
+    best.mkdir(exist_ok=True)
+    for name in ("ckpt.pt", "adapter.safetensors"):
+        if (run.out_dir / name).exists():
+            link_or_copy(run.out_dir / name, best / name)
+    atomic_write_text(best / "best.json", json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+
+
+def best_val_loss(run: Run) -> float:
+    """The validation loss of out_dir/best/ (a resumed run keeps it only if it beats it), or infinity."""
+    try:
+        return json.loads((run.out_dir / "best" / "best.json").read_text())["val_loss"]
+    except (OSError, ValueError, KeyError):
+        return math.inf
+
+
+def plot_curves(run: Run):
+    """out_dir/curves.png: the training loss and the validation loss by step, from metrics.jsonl (matplotlib is
+    optional: without it, one line says so, once)."""
+    if run.rank != 0:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not getattr(plot_curves, "said", False):
+            run.log("curves.png not drawn: matplotlib is not installed (pip install matplotlib); metrics.jsonl has "
+                    "the numbers")
+            plot_curves.said = True
+        return
+    records = [json.loads(line) for line in (run.out_dir / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("loss", "training loss (the logged step's batch)"), ("val_loss", "validation loss")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer loss (nats per token)")
+    ax.legend()
+    ax.set_title(run.out_dir.name)
+    tmp = run.out_dir / "curves.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, run.out_dir / "curves.png")
 
 
 def atomic_save(obj, path: Path):
@@ -190,9 +360,10 @@ def load_checkpoint(path: Path, model, args, fingerprint):
         raise SystemExit(f"error: cannot read checkpoint {path} ({str(e).splitlines()[0]}); it may be truncated, or "
                          "from an older version of train.py, or not a checkpoint: delete it or choose another --out_dir")
     if ckpt["base"]["args"] != fingerprint["args"] or ckpt["base"]["sums"] != fingerprint["sums"]:
-        raise SystemExit(f"error: {path} was trained on a different base model ({ckpt['config']['model'] or 'built-in tiny'}"
-                         f", {ckpt['base']}) than this one ({args.model or 'built-in tiny'}, {fingerprint}); "
-                         "use the same --model, or another --out_dir")
+        differ = [f"{k} {v} then, {fingerprint['args'].get(k)} now" for k, v in ckpt["base"]["args"].items()
+                  if fingerprint["args"].get(k) != v] or [f"weight sums {ckpt['base']['sums']} then, {fingerprint['sums']} now"]
+        raise SystemExit(f"error: {path} was trained on another base than {args.base} ({'; '.join(differ[:3])}): has it "
+                         "changed since? Give the run's base as --model, or use another --out_dir")
     quantize = ckpt["config"].get("quantize", "none"), getattr(args, "quantize", "none")  # (the run's, this one's)
     if quantize[0] != quantize[1]:  # the same base, rounded otherwise
         raise SystemExit(f"error: {path} was trained on a --quantize {quantize[0]} base, not {quantize[1]}: give the "

@@ -2,11 +2,13 @@
 The built-in tiny base: what `python train.py` trains on when no --model is given, so that the whole pipeline runs
 anywhere in minutes. A SentencePiece tokenizer and a small LLaMA (TINY_MODEL) pretrained on the task's own
 training text, stored as an ordinary Meta checkpoint (params.json, consolidated.00.pth, tokenizer.model) in
-out_dir/tiny_base_<task>_<key> and reused by any run that would build the same one. Its accuracy says nothing
+tiny_base_cache()/tiny_base_<task>_<key> ($MOELORA_CACHE, else ~/.cache/moelora) and reused by any run, in any
+out_dir, that would build the same one (delete it to build it again). Its accuracy says nothing
 about the method at scale: it is a stand-in.
 """
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,13 +27,18 @@ def is_tiny_base(model_path) -> bool:
     return (Path(model_path) / TINY_BASE_FILE).is_file()
 
 
-def tiny_base_dir(out_dir: Path, task: str, texts, steps: int, seed: int) -> Path:
-    """out_dir/tiny_base_<task>_<key>: the key covers everything that shapes the base (architecture, pretraining
+def tiny_base_cache() -> Path:
+    """Where built tiny bases are kept, for every run and out_dir: $MOELORA_CACHE, else ~/.cache/moelora."""
+    return Path(os.environ.get("MOELORA_CACHE") or Path.home() / ".cache" / "moelora")
+
+
+def tiny_base_dir(cache: Path, task: str, texts, steps: int, seed: int) -> Path:
+    """cache/tiny_base_<task>_<key>: the key covers everything that shapes the base (architecture, pretraining
     steps, seed, the training text), so a cached base is reused only by a run that would build the same one."""
     key = hashlib.sha256(json.dumps({"model": asdict(TINY_MODEL), "steps": steps, "seed": seed}).encode())
     for t in texts:
         key.update(t.encode())
-    return out_dir / f"tiny_base_{task}_{key.hexdigest()[:8]}"
+    return cache / f"tiny_base_{task}_{key.hexdigest()[:8]}"
 
 
 def build_tiny_base(base_dir: Path, task: str, texts, steps: int, seed: int, log, lr_at):

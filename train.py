@@ -9,7 +9,7 @@ Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task
     python train.py --help                                        # every flag and its default
 
 Two presets hold the defaults that depend on the model's size: tiny for a base under 100M parameters (the built-in
-one, stories260K) and llama-7b above; see PRESETS below. Flags given on the command line win.
+1.3M one, or stories260K) and llama-7b above; see PRESETS below. Flags given on the command line win.
 
 Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step), then
 evaluation. The plumbing that is not a loop lives beside this file: runs.py (processes, precision, out_dir,
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -34,17 +35,18 @@ from tqdm import tqdm
 
 from data.grading import EVAL_KINDS, answer_reader, infer_kind
 from data.mixtures import format_mixture_report, load_mixture, load_test_sets, overlaps
-from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
+from data.prompts import IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, eval_prompt_tokens, tokenize_dataset
 from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
 from quantize import quantize_int8
 from moelora import (MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_routing_stats, moelora_token_mask)
-from runs import (Run, all_reduce_sum, base_fingerprint, catch_stop_signals, load_checkpoint, prepare_out_dir,
-                  resume_from_checkpoint, save_checkpoint, setup_distributed, setup_precision, stop_non_finite,
-                  stop_requested)
-from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_dir
+from runs import (RUN_JSON, Run, all_reduce_sum, base_fingerprint, catch_stop_signals, check_out_dir, git_commit,
+                  best_val_loss, keep_best, keep_checkpoint, load_checkpoint, plot_curves, prepare_out_dir, read_run_json, read_run_settings,
+                  resume_from_checkpoint, save_checkpoint, setup_distributed, setup_precision, sha256_of,
+                  stop_non_finite, stop_requested)
+from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------
@@ -77,7 +79,8 @@ def parse_args(argv=None):
       "or a family (math, commonsense: train on its mixture, grade all its benchmarks) (default %(default)s)")
     a("--eval_tasks", default=None, help="comma-separated benchmarks to grade after training (default: the task, or "
       "the family's benchmarks)")
-    a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: the built-in tiny LLaMA")
+    a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: the built-in tiny LLaMA "
+      "(1.3M parameters, pretrained here on the task's training text and cached in $MOELORA_CACHE or ~/.cache/moelora)")
     a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below (default: tiny for a base under 100M parameters, else llama-7b)")
     a("--pretrain_steps", type=int, default=150, help="steps (16 x 256 tokens) to pretrain the built-in tiny base (default %(default)s)")
     a("--data_dir", default=None, help="datasets root (gsm8k/, llm-adapters/); default $MOELORA_DATA_DIR or data/cache")
@@ -113,17 +116,24 @@ def parse_args(argv=None):
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
     a("--eval_file", default=None, help="your own test set, graded instead of the task's benchmarks (add --eval_tasks to grade those too): --train_file's format with an answer per record")
     a("--eval_kind", default=None, choices=EVAL_KINDS, help="how --eval_file is graded: the last number, one of its answer labels, or exact text (default: inferred from its answers, and printed)")
-    a("--eval_only", action="store_true", help="no training: grade out_dir/ckpt.pt if it exists, else the base model")
+    a("--eval_only", action="store_true", help="no training: grade the run in out_dir (its base, --quantize and adapter "
+      "come from its run.json), or the base model when out_dir holds no run")
     a("--eval_limit", type=int, default=None, help="grade only the first N test examples")
     a("--eval_batch_size", type=int, default=None, help="prompts per generation batch " + preset_default("eval_batch_size"))
     a("--max_new_tokens", type=int, default=None, help="generation budget per answer " + preset_default("max_new_tokens"))
-    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
-    a("--overwrite", action="store_true", help="start over in an out_dir that holds a checkpoint: it and metrics.jsonl are replaced, earlier result files move to out_dir/earlier_<time>/")
+    a("--resume", action="store_true", help="continue from out_dir/ckpt.pt; every setting not given again comes from the run's run.json")
+    a("--overwrite", action="store_true", help="start over in an out_dir that holds a run: everything the earlier run wrote moves to out_dir/earlier_<time>/ (nothing is deleted)")
     a("--stop_after", type=int, default=None, help="stop (resumably) after this many steps in this session, e.g. for a time-limited job")
     a("--log_interval", type=int, default=10, help="steps between log lines (default %(default)s)")
     a("--save_interval", type=int, default=100, help="steps between checkpoints, and one at the end (default %(default)s)")
+    a("--keep_last", type=int, default=0, help="also keep the last K checkpoints as out_dir/checkpoints/step_<n>.pt (default 0: only ckpt.pt, the latest)")
+    a("--eval_interval", type=int, default=0, help="every N steps, the answer loss on --val_examples training examples held out "
+      "of training, logged to metrics.jsonl and curves.png; the best checkpoint by it is kept in out_dir/best/ (default 0: off)")
+    a("--val_examples", type=int, default=200, help="how many training examples --eval_interval holds out (default %(default)s)")
     a("--seed", type=int, default=1337, help="batch order, adapter initialisation, dropout (default %(default)s)")
+    p.error = lambda message: p.exit(2, f"error: {message} (python train.py --help lists the flags)\n")  # not the usage
     args = p.parse_args(argv)
+    settings_from_run(args, flags_given(p, argv))
     try:  # the base's shape from its config alone, before any weight is read
         shape = TINY_MODEL if args.model is None else read_model_args(args.model)
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
@@ -144,18 +154,74 @@ def parse_args(argv=None):
     return args
 
 
+def flags_given(p, argv) -> set:
+    """The flags given on the command line (not left at their defaults)."""
+    defaults = {action: action.default for action in p._actions}
+    for action in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
+# what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
+RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "r", "lora_alpha", "target_modules")
+RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "max_seq_len", "val_examples")
+PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
+
+
+def settings_from_run(args, given: set):
+    """--eval_only and --resume open the run in out_dir: its base, --quantize and adapter come from it, and with --resume
+    every setting not given again. A flag given with a value other than the run's is one line naming both, where the
+    run is defined by it; elsewhere (--lr, --max_steps...) the new value wins, and main logs it."""
+    args.changed_from_run, args.run_base = [], None
+    found = read_run_settings(Path(args.out_dir)) if args.eval_only or args.resume else None
+    if found is None:
+        return
+    recorded, source = found
+    fixed = RESUME_IDENTITY if args.resume else RUN_IDENTITY
+    taken = [k for k in recorded if hasattr(args, k) and k not in PER_SESSION] if args.resume else fixed
+    problems = []
+    for key in (k for k in taken if k in recorded):
+        mine, theirs = getattr(args, key), recorded[key]
+        if key in given and not same_setting(key, mine, theirs):
+            if key in fixed:
+                problems.append(f"{show_flag(key, mine)}, but the run in {args.out_dir} has {show_flag(key, theirs)}")
+            else:
+                args.changed_from_run.append(f"{show_flag(key, mine)} (the run had {theirs})")
+            continue
+        setattr(args, key, theirs)
+    if problems:
+        raise SystemExit(f"error: {'; '.join(problems)} ({source}): leave those flags out (they come from the run), or "
+                         "choose another --out_dir")
+    args.run_base = recorded.get("base")
+
+
+def same_setting(key: str, a, b) -> bool:
+    if key in ("model", "train_file") and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def show_flag(key: str, value) -> str:
+    return "the built-in tiny base" if key == "model" and value is None else f"--{key} {value}"
+
+
 def check_args(args, base):
     """Every value that cannot work, found before any expensive work: one line naming the flag, the value and the fix.
     The adapter's settings are checked by MoELoRAConfig itself, whose messages name its fields: the flags of the
     same names."""
     positive = ("lr", "batch_size", "micro_batch_size", "max_seq_len", "eval_batch_size", "max_new_tokens",
-                "log_interval", "save_interval", "pretrain_steps")
+                "log_interval", "save_interval", "pretrain_steps", "val_examples")
     problems = [f"--{k} {getattr(args, k)} must be > 0" for k in positive if getattr(args, k) <= 0]
     problems += [f"--{k} {getattr(args, k)} must be > 0 (or leave it out)" for k in ("max_steps", "epochs", "eval_limit",
                                                                                      "stop_after")
                  if getattr(args, k) is not None and getattr(args, k) <= 0]
     problems += [f"--{k} {getattr(args, k)} must be >= 0" for k in ("warmup_steps", "weight_decay", "grad_clip",
-                                                                    "contrastive_warmup") if getattr(args, k) < 0]
+                                                                    "contrastive_warmup", "keep_last", "eval_interval")
+                 if getattr(args, k) < 0]
     try:
         moelora_config_from(args)
     except ValueError as e:  # "MoELoRAConfig: top_k 9 must be ..." -> "--top_k 9 must be ..."
@@ -209,7 +275,9 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(args)
     amp_dtype, scaler = setup_precision(args.dtype, device)
     run = Run(rank, world_size, device, amp_dtype, scaler, Path(args.out_dir))
-    prepare_out_dir(args, run)
+    check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
+    for change in args.changed_from_run:
+        run.log(f"--resume: {change}")
     if (args.batch_size % (world_size * args.micro_batch_size) and "micro_batch_size" in args.from_preset
             and args.batch_size % world_size == 0):  # the preset's micro-batch, split so that every process gets one
         args.micro_batch_size = math.gcd(args.micro_batch_size, args.batch_size // world_size)
@@ -229,10 +297,12 @@ def main(argv=None):
     if args.eval_limit:
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
     model_path = args.model
-    if model_path is None:
+    if model_path is None and args.run_base and Path(args.run_base).exists():
+        model_path = args.run_base  # the run's own tiny base, from the cache
+    elif model_path is None:
         texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
                  load_training_examples(args, run, data_dir, tests)]
-        model_path = tiny_base_dir(run.out_dir, args.task, texts, args.pretrain_steps, args.seed)
+        model_path = tiny_base_dir(tiny_base_cache(), args.task, texts, args.pretrain_steps, args.seed)
         if rank == 0:
             build_tiny_base(model_path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
         if world_size > 1:
@@ -241,26 +311,41 @@ def main(argv=None):
     args.base = str(model_path)  # saved with the config: where the base came from (the tiny base's cache without --model)
     model, tok = load_base(args, run, model_path, amp_dtype if args.method != "full" else torch.float32)
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
+    fingerprint = base_fingerprint(raw_model)
+
+    train_set = val_set = None
+    if not args.eval_only:
+        train_examples, val_examples = hold_out(args, run, train_examples)
+        max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
+        train_set = tokenize_train_set(args, run, tok, train_examples, max_seq_len)
+        val_set = tokenize_dataset(tok, val_examples, max_seq_len)[0] if val_examples else None
+        if not batch_order(len(train_set.pairs), args.batch_size, 0, args.seed):
+            raise SystemExit(f"error: {len(train_set.pairs)} training examples is fewer than one batch of {args.batch_size}")
+    info = run_info(args, run, fingerprint, train_examples, tests)
+    check_against_the_run(args, run, info)
+    prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
 
     if not args.eval_only:
-        train_set = tokenize_train_set(args, run, tok, train_examples, min(args.max_seq_len, model.args.max_seq_len))
         if args.compile:
             model = torch.compile(model)
         if world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        step = train(args, run, model, raw_model, tok, train_set)
+        step = train(args, run, model, raw_model, tok, train_set, val_set, fingerprint)
         if step is None:
             return None
     elif (run.out_dir / "ckpt.pt").exists():
-        step = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, base_fingerprint(raw_model))["step"]
+        step = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, fingerprint)["step"]
         run.log(f"evaluating {run.out_dir / 'ckpt.pt'} (step {step})")
     else:
         step = 0
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
-    # every process grades a share of each benchmark; rank 0 writes the files, each saying what it graded
-    record = {"step": step, "base": args.base, "model": args.model or "built-in tiny", "method": args.method,
-              "adapter": None if args.method == "full" else asdict(moelora_config_from(args))}
+    # every process grades a share of each benchmark; rank 0 writes the files, each saying what it graded and which
+    # run (run.json) it comes from
+    record = {"run_id": info["run_id"], "step": step, "base": args.base, "model": args.model or "built-in tiny",
+              "method": args.method, "quantize": args.quantize, "autocast": str(amp_dtype).removeprefix("torch."),
+              "adapter": None if args.method == "full" else asdict(moelora_config_from(args)),
+              "code": info["code"]}
     results = {task: grade_benchmark(args, run, raw_model, tok, task, examples, record) for task, examples in tests.items()}
     if len(tests) > 1 or missing:
         write_results(args.task, args, run, results, missing, record)
@@ -270,6 +355,56 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return results if len(results) > 1 else next(iter(results.values()))
+
+
+def hold_out(args, run: Run, examples: list) -> tuple:
+    """(training examples, validation examples): with --eval_interval, --val_examples of them are held out of training.
+    The same ones for every --seed (a fixed draw), so that runs of different seeds are checked on the same slice."""
+    if not args.eval_interval:
+        return examples, []
+    if args.val_examples >= len(examples):
+        raise SystemExit(f"error: --val_examples {args.val_examples} leaves no training example of {len(examples)}: "
+                         "give fewer")
+    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:args.val_examples].tolist())
+    run.log(f"--eval_interval {args.eval_interval}: {len(held)} of the {len(examples)} training examples held out of "
+            "training, for the validation loss")
+    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
+
+
+def run_info(args, run: Run, fingerprint: dict, train_examples: list, tests: dict) -> dict:
+    """What run.json records: every resolved setting, the base, the data (files and the examples read, hashed), the
+    prompt, the code, and where it ran. A run id ties every result file to it."""
+    files = {flag: getattr(args, flag) for flag in ("train_file", "eval_file") if getattr(args, flag)}
+    return {"run_id": time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("changed_from_run", "run_base")},
+            "base": {"path": args.base, **fingerprint},
+            "data": {"files": {flag: {"path": str(Path(f).resolve()), "sha256": sha256_of(Path(f))} for flag, f in files.items()},
+                     "train_examples": {"n": len(train_examples), "sha256": sha256_of(train_examples)},
+                     "test_sets": {task: {"n": len(ex), "sha256": sha256_of(ex)} for task, ex in tests.items()}},
+            "prompt_sha256": sha256_of([PROMPT_NO_INPUT, PROMPT_WITH_INPUT]),
+            "code": git_commit(), "torch": torch.__version__, "device": run.device, "world_size": run.world_size,
+            "autocast": str(run.amp_dtype).removeprefix("torch.")}
+
+
+def check_against_the_run(args, run: Run, info: dict):
+    """--resume and --eval_only: the prompt (and, for --resume, the training examples) must be the run's, as its
+    run.json recorded them; the run id of the results is the run's."""
+    if args.eval_only:  # of the run graded; none for a bare base
+        info["run_id"] = None
+    recorded = read_run_json(run.out_dir) if args.resume or args.eval_only else None
+    if recorded is None or (args.eval_only and not (run.out_dir / "ckpt.pt").exists()):
+        return
+    info["run_id"] = recorded["run_id"]
+    problems = []
+    if recorded.get("prompt_sha256") != info["prompt_sha256"]:
+        problems.append("the prompt template of data/prompts.py is not the one the run was trained with (code "
+                        f"{(recorded.get('code') or {}).get('commit', 'unknown')})")
+    then, now = recorded["data"]["train_examples"], info["data"]["train_examples"]
+    if args.resume and then["sha256"] != now["sha256"]:
+        problems.append(f"the training examples changed since the run started ({then['n']} then, {now['n']} now; "
+                        "sha256 differs): give the same data")
+    if problems:
+        raise SystemExit(f"error: {'; '.join(problems)} ({run.out_dir / RUN_JSON})")
 
 
 @dataclass
@@ -369,12 +504,11 @@ def load_base(args, run: Run, model_path, dtype):
 # -----------------------------------------------------------------------------------------------------
 # training
 
-def train(args, run: Run, model, raw_model, tok, train_set):
-    """Train until --max_steps / --epochs (or --stop_after); the last step when the run is complete, else None."""
+def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint: dict):
+    """Train until --max_steps / --epochs (or --stop_after); the last step when the run is complete, else None.
+    val_set: the held-out (tokens, labels) pairs that --eval_interval checks, or None."""
     n_examples = len(train_set.pairs)
-    steps_per_epoch = len(batch_order(n_examples, args.batch_size, 0, args.seed))
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {n_examples} training examples is fewer than one batch of {args.batch_size}")
+    steps_per_epoch = len(batch_order(n_examples, args.batch_size, 0, args.seed))  # main checked that it is > 0
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     if args.warmup_steps >= total_steps:
         run.log(f"WARNING: --warmup_steps {args.warmup_steps} reaches the run's {total_steps} steps: the learning rate "
@@ -382,9 +516,9 @@ def train(args, run: Run, model, raw_model, tok, train_set):
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=run.device.startswith("cuda"))
-    fingerprint = base_fingerprint(raw_model)
     step = resume_from_checkpoint(run, args, raw_model, optimizer, fingerprint) if args.resume else 0
     saved_step = step if args.resume else None  # the step of the checkpoint on disk, if any
+    best = best_val_loss(run) if args.resume else math.inf
 
     accum = args.batch_size // run.world_size // args.micro_batch_size
     run.log(f"training {sum(p.numel() for p in params):,} parameters ({args.method}) for {total_steps} steps "
@@ -420,9 +554,17 @@ def train(args, run: Run, model, raw_model, tok, train_set):
                     bar.write(line)
                 t0, positions = time.time(), 0
             stopping = stop_requested(run, stop)
-            if step % args.save_interval == 0 or step == last_step or stopping:
+            checked = val_set is not None and (step % args.eval_interval == 0 or step == total_steps)
+            val_loss = validation_loss(args, run, model, raw_model, val_set, tok.pad_id, step) if checked else None
+            if step % args.save_interval == 0 or step == last_step or stopping or checked:
                 save_checkpoint(run, args, raw_model, optimizer, step, fingerprint)
+                keep_checkpoint(run, step, args.keep_last)
                 saved_step = step
+            if checked and val_loss < best:
+                best = val_loss
+                keep_best(run, step, val_loss)
+            if checked:
+                plot_curves(run)
             if stopping:
                 bar.close()
                 name = signal.Signals(stop["signal"]).name if stop["signal"] else "another process's signal"
@@ -430,10 +572,23 @@ def train(args, run: Run, model, raw_model, tok, train_set):
                         f"{run.out_dir / 'ckpt.pt'}. Continue with the same command and --resume")
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
     bar.close()
+    plot_curves(run)
     if step < total_steps:
         run.log(f"stopped after step {step} of {total_steps} (--stop_after); continue with --resume")
         return None
+    if best < math.inf:
+        run.log(f"the best checkpoint by validation loss ({best:.4f}) is in {run.out_dir / 'best'}")
     return step
+
+
+def validation_loss(args, run: Run, model, raw_model, val_set, pad_id: int, step: int) -> float:
+    """--eval_interval: the answer loss on the held-out examples, logged to metrics.jsonl."""
+    model.eval()
+    loss = mean_target_loss(args, run, raw_model, val_set, pad_id)
+    model.train()
+    run.log_jsonl({"step": step, "val_loss": loss})
+    run.log(f"step {step}: validation loss {loss:.4f} ({len(val_set)} held-out examples)")
+    return loss
 
 
 def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
@@ -592,8 +747,8 @@ def grade_benchmark(args, run: Run, model, tok, task: str, examples, record: dic
     if run.rank == 0:
         with open(predictions, "w") as f:
             for ex, text, ok in zip(examples, responses, right):
-                f.write(json.dumps({"instruction": ex["instruction"], "prediction": text, "extracted": extract(text),
-                                    "answer": ex["answer"], "correct": ok}) + "\n")
+                f.write(json.dumps({"run_id": record["run_id"], "instruction": ex["instruction"], "prediction": text,
+                                    "extracted": extract(text), "answer": ex["answer"], "correct": ok}) + "\n")
         (run.out_dir / f"metrics_{graded_name(task, args)}.json").write_text(json.dumps(metrics, indent=2))
     loss_text = f", answer loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else ""
     cut_text = f" ({n_cut} prompts longer than the context allows lost their beginning)" if n_cut else ""
@@ -602,13 +757,18 @@ def grade_benchmark(args, run: Run, model, tok, task: str, examples, record: dic
     return metrics
 
 
-@torch.no_grad()
 def answer_loss(args, run: Run, model, tok, examples) -> float:
     """Mean cross-entropy of the reference solutions given the prompt (teacher forcing)."""
     pairs, _, _ = tokenize_dataset(tok, examples, model.args.max_seq_len)
+    return mean_target_loss(args, run, model, pairs, tok.pad_id)
+
+
+@torch.no_grad()
+def mean_target_loss(args, run: Run, model, pairs, pad_id: int) -> float:
+    """The cross-entropy per target token of (tokens, labels) pairs, over all processes' shares of the batches."""
     parts = []
     for b, i in my_batches(len(pairs), args.eval_batch_size, run):
-        x, y, _ = collate(pairs[i:i + args.eval_batch_size], tok.pad_id, run.device)
+        x, y, _ = collate(pairs[i:i + args.eval_batch_size], pad_id, run.device)
         with run.autocast():
             _, loss = model(x, y)
         parts.append((b, loss.item(), int((y != IGNORE_INDEX).sum())))

@@ -1,11 +1,18 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # The suite checks the float32 CPU path against its references; what needs a GPU is in benchmarks/gpu_checklist.sh.
 # On a machine with GPUs, train.py would otherwise pick CUDA and mixed precision by itself (and torchrun tests
 # would start more processes than GPUs), so the tests hide the GPUs from themselves and from their subprocesses.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# built tiny bases are cached across runs (tiny_base.tiny_base_cache): the suite keeps its own, shared by its tests
+# and their subprocesses, and removed at the end
+os.environ["MOELORA_CACHE"] = tempfile.mkdtemp(prefix="moelora_test_cache_")
+atexit.register(shutil.rmtree, os.environ["MOELORA_CACHE"], ignore_errors=True)
 
 import pytest
 import torch

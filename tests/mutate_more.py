@@ -1,6 +1,7 @@
 """The mutations of ../shared/tools/mutate_moelora.py whose text the batched losses rewrote, in today's words, and
-those of the behaviour that came with them. Each one breaks moelora.py in a copy of the project and runs its
-tests; a mutation that no test notices survives. Run from the project's root:
+those of the behaviour that came with them; then the promises a run keeps about a user's work (runs.py, train.py).
+Each one breaks a file in a copy of the project and runs its tests; a mutation that no test notices survives.
+Run from the project's root (with MOELORA_SHARED set, as tests/README.md says):
 
     python tests/mutate_more.py
 """
@@ -35,21 +36,36 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else x.new_zeros(*x.shape[:-1], self.out_features)"),
 ]
 TESTS = ["tests/test_moelora.py", "tests/test_other_models.py", "tests/test_quantize.py"]
+RUN_TESTS = ["tests/test_train.py", "-k", "overwrite or run_json or resume_takes or validation_loss or another_config"]
+RUN_MUTATIONS = [  # (file, what it breaks, text, replacement)
+    ("runs.py", "--overwrite deletes the earlier run instead of moving it",
+     "os.replace(f, aside / f.name)", "shutil.rmtree(f) if f.is_dir() else f.unlink()"),
+    ("train.py", "out_dir prepared before the data and batch checks",
+     "    check_out_dir(args, run)  #", "    check_out_dir(args, run); prepare_out_dir(args, run, {'run_id': 0})  #"),
+    ("train.py", "best/ replaced by a worse checkpoint", "if checked and val_loss < best:", "if checked:"),
+    ("train.py", "the held-out slice depends on --seed", "generator=torch.Generator().manual_seed(0)",
+     "generator=torch.Generator().manual_seed(args.seed)"),
+    ("train.py", "--resume takes nothing from the run", "        setattr(args, key, theirs)\n", "        pass\n"),
+    ("train.py", "--resume does not check the training data", "if args.resume and then[\"sha256\"] != now[\"sha256\"]:",
+     "if False:"),
+]
 
 
 def main():
     survived = []
-    for i, (what, old, new) in enumerate(MUTATIONS, 1):
-        src = open("moelora.py").read()
+    todo = [("moelora.py", what, old, new, TESTS) for what, old, new in MUTATIONS]
+    todo += [(file, what, old, new, RUN_TESTS) for file, what, old, new in RUN_MUTATIONS]
+    for i, (file, what, old, new, tests) in enumerate(todo, 1):
+        src = open(file).read()
         if src.count(old) != 1:
             print(f"{i:2d}. not applicable (text not found): {what}")
             continue
         work = tempfile.mkdtemp(prefix="mutate_")
         try:
             shutil.copytree(".", os.path.join(work, "p"), ignore=shutil.ignore_patterns("out*", ".git", "__pycache__"))
-            with open(os.path.join(work, "p", "moelora.py"), "w") as f:
+            with open(os.path.join(work, "p", file), "w") as f:
                 f.write(src.replace(old, new))
-            code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *TESTS], cwd=os.path.join(work, "p"),
+            code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests], cwd=os.path.join(work, "p"),
                                   capture_output=True).returncode
         finally:
             shutil.rmtree(work)

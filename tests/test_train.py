@@ -1,11 +1,15 @@
 """train.py end to end on tiny configs: the real stories260K checkpoint, resume, DDP on CPU, bad input."""
+import hashlib
 import json
+import math
 import os
+import shutil
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import torch
 from conftest import ROOT, shared_path
 
 import moelora
+import runs
 import train
 from data.prompts import tokenize_dataset
 from data.tasks import load_split
@@ -26,7 +31,8 @@ import routing_per_task  # noqa: E402  (tutorial/routing_per_task.py: routing pe
 
 def small_run(out_dir, *extra, model="stories260K-hf"):
     """Arguments for a run that takes seconds: a few steps of batch 4 on short sequences, 6 test questions."""
-    return ["--task", "gsm8k", "--model", str(shared_path(f"models/{model}")), "--data_dir", str(shared_path("data")),
+    model = model if os.path.isabs(model) else shared_path(f"models/{model}")  # a fixture, or a copy made by the test
+    return ["--task", "gsm8k", "--model", str(model), "--data_dir", str(shared_path("data")),
             "--out_dir", str(out_dir), "--max_steps", "4", "--batch_size", "4", "--micro_batch_size", "2",
             "--max_seq_len", "320", "--eval_limit", "6", "--max_new_tokens", "12", "--eval_batch_size", "4",
             "--log_interval", "1", "--num_experts", "4", "--contrastive_weight", "0.1", "--contrastive_samples", "64", *extra]
@@ -69,19 +75,22 @@ def test_end_to_end_on_stories260k(tmp_path):
     assert padding_seen > 0
 
 
-def test_built_in_tiny_base_is_built_then_reused(tmp_path, capsys):
-    argv = ["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--out_dir", str(tmp_path),
-            "--pretrain_steps", "2", "--max_steps", "1", "--batch_size", "2", "--micro_batch_size", "2",
-            "--max_seq_len", "256", "--eval_limit", "2", "--max_new_tokens", "4"]
-    train.main(argv)
+def test_built_in_tiny_base_is_built_then_reused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOELORA_CACHE", str(tmp_path / "cache"))
+    argv = ["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--pretrain_steps", "2", "--max_steps", "1",
+            "--batch_size", "2", "--micro_batch_size", "2", "--max_seq_len", "256", "--eval_limit", "2",
+            "--max_new_tokens", "4"]
+    train.main(argv + ["--out_dir", str(tmp_path / "a")])
     out = capsys.readouterr()
     assert "built-in tiny LLaMA" in out.out + out.err
-    base, = tmp_path.glob("tiny_base_gsm8k_*")
+    base, = (tmp_path / "cache").glob("tiny_base_gsm8k_*")  # in the cache, not in the run's out_dir
     assert {"params.json", "consolidated.00.pth", "tokenizer.model"} <= {p.name for p in base.iterdir()}
     stamp = (base / "consolidated.00.pth").stat().st_mtime_ns
-    train.main(argv + ["--eval_only"])
+    train.main(argv + ["--out_dir", str(tmp_path / "a"), "--eval_only"])  # the base the run recorded
+    train.main(argv + ["--out_dir", str(tmp_path / "b"), "--method", "lora"])  # another out_dir: the same base
     out = capsys.readouterr()
-    assert "reusing" in out.out + out.err and (base / "consolidated.00.pth").stat().st_mtime_ns == stamp
+    assert "reusing" in out.out + out.err and "pretrain" not in out.out + out.err
+    assert (base / "consolidated.00.pth").stat().st_mtime_ns == stamp
     # the built base, given back as --model, keeps the tiny preset
     assert train.parse_args(["--model", str(base)]).preset == "tiny"
 
@@ -154,8 +163,14 @@ def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     train.main(small_run(tmp_path / "split", *common, "--resume"))
     a, b = adapter_weights(tmp_path / "straight" / "ckpt.pt"), adapter_weights(tmp_path / "split" / "ckpt.pt")
     assert all(torch.equal(a[k], b[k]) for k in a) and any(k.endswith("lora_B") and a[k].abs().sum() > 0 for k in a)
-    with pytest.raises(SystemExit, match="trained on a --quantize int8 base, not none: give the same --quantize"):
-        train.main(small_run(tmp_path / "split", "--eval_only"))
+    capsys.readouterr()
+    train.main(small_run(tmp_path / "split", "--eval_only", "--eval_limit", "1", "--max_new_tokens", "1"))
+    assert "int8 linear layers" in capsys.readouterr().out  # --eval_only takes --quantize from the run
+    with pytest.raises(SystemExit) as error:
+        train.main(small_run(tmp_path / "split", "--eval_only", "--quantize", "none"))
+    assert str(error.value) == (f"error: --quantize none, but the run in {tmp_path / 'split'} has --quantize int8 ("
+                                f"{tmp_path / 'split' / 'run.json'}): leave those flags out (they come from the run), or "
+                                "choose another --out_dir")
     model, _ = train.load_base(train.parse_args(small_run(tmp_path, *common)), train.Run(0, 1, "cpu", torch.float32,
                                None, tmp_path), shared_path("models/stories260K-hf"), torch.float32)
     assert isinstance(model.layers[0].attention.wq.base_layer, Int8Linear) and isinstance(model.layers[0].feed_forward.w1, Int8Linear)
@@ -195,12 +210,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, dty
 
 
 def test_checkpoint_from_another_config_or_base_is_refused(tmp_path):
-    train.main(small_run(tmp_path, "--max_steps", "1", "--eval_limit", "1", "--max_new_tokens", "1"))
-    with pytest.raises(SystemExit, match="does not fit this adapter configuration.*trained with --num_experts 4"):
-        train.main(small_run(tmp_path, "--num_experts", "2", "--eval_only", "--eval_limit", "1"))
-    with pytest.raises(SystemExit, match="different base model"):
-        train.main(small_run(tmp_path, "--eval_only", "--eval_limit", "1", model="stories260K/stories260K.bin")
-                   + ["--target_modules", "wq,wv"])
+    base = tmp_path / "base"
+    shutil.copytree(shared_path("models/stories260K-hf"), base)
+    run = tmp_path / "run"
+    train.main(small_run(run, "--max_steps", "1", "--eval_limit", "1", "--max_new_tokens", "1", model=str(base)))
+    with pytest.raises(SystemExit, match=r"^error: --num_experts 2, but the run in .* has --num_experts 4 \(.*run.json\)"):
+        train.main(small_run(run, "--num_experts", "2", "--eval_only", "--eval_limit", "1", model=str(base)))
+    with pytest.raises(SystemExit, match=r"^error: --model .*stories260K.bin, but the run in .* has --model .*base \("):
+        train.main(small_run(run, "--eval_only", "--eval_limit", "1", model="stories260K/stories260K.bin"))
+    (run / "run.json").unlink()  # a run of an older version: ckpt.pt's config says the same
+    with pytest.raises(SystemExit, match=r"^error: --num_experts 2, but the run in .* has --num_experts 4 \(.*ckpt.pt\)"):
+        train.main(small_run(run, "--num_experts", "2", "--eval_only", "--eval_limit", "1", model=str(base)))
+    # the base at the same path, changed since: its fingerprint differs, said in one short line
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(config, rms_norm_eps=1e-3)))
+    with pytest.raises(SystemExit) as error:
+        train.main(small_run(run, "--eval_only", "--eval_limit", "1", model=str(base)))
+    message = str(error.value)
+    assert message.startswith(f"error: {run / 'ckpt.pt'} was trained on another base than {base}") and "norm_eps" in message
+    assert len(message) < 300 and "{" not in message
 
 
 def test_contrastive_warmup_scales_the_contrastive_loss(tmp_path):
@@ -256,7 +284,8 @@ def family_run(out_dir, task, *extra, model="stories260K-hf"):
     return argv + (["--model", str(shared_path(f"models/{model}"))] if model else ["--pretrain_steps", "2"])
 
 
-def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys):
+def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOELORA_CACHE", str(tmp_path / "cache"))
     train.main(family_run(tmp_path, "math", model=None))
     out = capsys.readouterr()
     text = out.out + out.err
@@ -284,7 +313,7 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys):
             assert 0 <= layer[which]["mi_bits"] <= routing["h_task_bits"] + 1e-9
             assert len(layer[which]["expert_share"]) == 6 and len(layer[which]["expert_share"][0]) == 4
     # the built base, given back as --model, keeps the tiny preset
-    assert train.parse_args(["--model", str(next(tmp_path.glob("tiny_base_math_*")))]).preset == "tiny"
+    assert train.parse_args(["--model", str(next((tmp_path / "cache").glob("tiny_base_math_*")))]).preset == "tiny"
 
 
 def test_commonsense_family_reports_the_missing_benchmark(tmp_path, capsys):
@@ -388,7 +417,7 @@ def test_cuda_asked_on_a_cpu_only_torch():  # conftest hides any GPU, so this ru
 def test_bad_inputs_are_one_line_errors(tmp_path):
     null_output = tmp_path / "null.json"
     null_output.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": null}]')
-    with pytest.raises(SystemExit, match=r'null.json: record 1 .*"output" is null'):
+    with pytest.raises(SystemExit, match=r'null.json: record 1: "output" is null, not a string$'):
         train.main(small_run(tmp_path / "a", "--train_file", str(null_output)))
     few = tmp_path / "few.json"
     few.write_text(json.dumps([{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(10)]))
@@ -421,7 +450,8 @@ def test_a_checkpoint_is_never_replaced_unasked(tmp_path, capsys):
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
     # the earlier run's results moved aside, not mixed with the new run's; each result file says what it graded
     aside, = tmp_path.glob("earlier_*")
-    assert {f.name for f in aside.iterdir()} == {"metrics_gsm8k_first2.json", "predictions_gsm8k_first2.jsonl"}
+    assert {f.name for f in aside.iterdir()} == {"metrics_gsm8k_first2.json", "predictions_gsm8k_first2.jsonl", "ckpt.pt",
+                                                 "adapter.safetensors", "metrics.jsonl", "run.json", "curves.png"}
     assert json.loads((aside / "metrics_gsm8k_first2.json").read_text())["step"] == 2
     metrics = json.loads((tmp_path / "metrics_gsm8k_first2.json").read_text())
     assert metrics["step"] == 1 and metrics["base"] == str(shared_path("models/stories260K-hf"))
@@ -505,7 +535,8 @@ def test_a_second_signal_stops_at_once_even_inside_a_long_native_call(sig):
                                 f"{name} again: stopping now, without saving"]
 
 
-def test_same_command_same_result_with_or_without_a_cached_base(tmp_path):
+def test_same_command_same_result_with_or_without_a_cached_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOELORA_CACHE", str(tmp_path / "cache"))
     argv = ["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--pretrain_steps", "2", "--max_steps", "1",
             "--batch_size", "2", "--micro_batch_size", "2", "--max_seq_len", "256", "--eval_limit", "1",
             "--max_new_tokens", "1"]
@@ -516,7 +547,7 @@ def test_same_command_same_result_with_or_without_a_cached_base(tmp_path):
     assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
     # other pretraining settings make another base, in a directory of its own
     train.main(argv + ["--out_dir", str(tmp_path), "--overwrite", "--pretrain_steps", "3"])
-    assert len(list(tmp_path.glob("tiny_base_gsm8k_*"))) == 2
+    assert len(list((tmp_path / "cache").glob("tiny_base_gsm8k_*"))) == 2
 
 
 def test_torchrun_with_the_preset_micro_batch(tmp_path):
@@ -662,3 +693,155 @@ def test_gradient_clipping_caps_the_norm_of_the_step(clip, expected_norm):
     train.optimizer_step(args, run, optimizer, [p], {"lm": 1.0, "contrastive": 0.0, "balance": 0.0}, 0, None)
     assert p.detach().norm().item() == pytest.approx(expected_norm, rel=1e-5)
     assert p.grad is None  # zeroed for the next step
+
+
+# --- a run never loses a trained adapter, says what it is, and checks itself while it trains
+
+def snapshot(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished small run (2 steps, graded on one question): its folder and its files' bytes."""
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    train.main(small_run(folder, "--max_steps", "2", "--eval_limit", "1", "--max_new_tokens", "2"))
+    return folder, snapshot(folder)
+
+
+def test_a_failed_overwrite_keeps_the_earlier_run_byte_for_byte(trained_run, tmp_path):
+    folder, files = trained_run
+    assert {"ckpt.pt", "adapter.safetensors", "metrics.jsonl", "run.json", "metrics_gsm8k_first1.json",
+            "predictions_gsm8k_first1.jsonl"} <= set(files)
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text('[{"instruction": "a", "output": "b"},')
+    cases = [(["--train_file", str(tmp_path / "missing.json")], "missing.json not found"),
+             (["--train_file", str(malformed)], "invalid JSON"),
+             (["--train_file", str(tmp_path)], "is a directory"),
+             (["--eval_tasks", "foo"], "unknown benchmark"),
+             (["--batch_size", "16", "--micro_batch_size", "5"], "must be a multiple of --micro_batch_size"),
+             (["--max_seq_len", "8"], "no training example is left"),
+             (["--batch_size", "8", "--micro_batch_size", "4", "--train_file", str(write_records(tmp_path, 3))],
+              "fewer than one batch")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train.main(small_run(folder, "--max_steps", "2", "--overwrite", *flags))
+        assert snapshot(folder) == files, flags  # nothing moved, nothing deleted, nothing added
+        with pytest.raises(SystemExit, match=message):  # a new run that fails leaves no folder behind
+            train.main(small_run(tmp_path / "new" / "run", "--max_steps", "2", *flags))
+        assert not (tmp_path / "new").exists(), flags
+
+
+def write_records(folder: Path, n: int) -> Path:
+    path = folder / f"records_{n}.json"
+    path.write_text(json.dumps([{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(n)]))
+    return path
+
+
+def test_overwrite_moves_everything_the_earlier_run_wrote(trained_run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(trained_run[0], folder)
+    files = snapshot(folder)
+    train.main(small_run(folder, "--max_steps", "1", "--eval_limit", "1", "--max_new_tokens", "2", "--overwrite"))
+    aside, = folder.glob("earlier_*")
+    assert snapshot(aside) == files  # every file, byte for byte
+    assert torch.load(folder / "ckpt.pt", weights_only=True)["step"] == 1
+    new_id = json.loads((folder / "run.json").read_text())["run_id"]
+    assert new_id != json.loads(files["run.json"])["run_id"]
+
+
+def test_run_json_says_what_the_run_was_and_every_result_points_to_it(trained_run, tmp_path):
+    folder, files = trained_run
+    info = json.loads(files["run.json"])
+    settings = info["settings"]
+    assert settings["lr"] == 3e-3 and settings["max_steps"] == 2 and settings["seed"] == 1337
+    assert settings["quantize"] == "none" and settings["method"] == "moelora" and settings["num_experts"] == 4
+    assert info["base"]["path"] == str(shared_path("models/stories260K-hf")) and info["base"]["args"]["dim"] == 64
+    assert info["data"]["train_examples"]["n"] == 7473 and len(info["data"]["train_examples"]["sha256"]) == 64
+    assert info["data"]["test_sets"]["gsm8k"]["n"] == 1
+    assert info["torch"] == torch.__version__ and info["device"] == "cpu" and info["autocast"] == "float32"
+    assert info["code"] is None or len(info["code"]["commit"]) == 40
+    metrics = json.loads(files["metrics_gsm8k_first1.json"])
+    assert metrics["run_id"] == info["run_id"] and metrics["quantize"] == "none" and metrics["step"] == 2
+    assert all(json.loads(line)["run_id"] == info["run_id"]
+               for line in files["predictions_gsm8k_first1.jsonl"].decode().splitlines())
+    # a user's own files are recorded with their hash; --resume refuses data that changed since
+    run = tmp_path / "own"
+    own = write_records(tmp_path, 40)
+    common = ["--train_file", str(own), "--max_steps", "4", "--eval_limit", "1", "--max_new_tokens", "1"]
+    train.main(small_run(run, *common, "--stop_after", "2"))
+    recorded = json.loads((run / "run.json").read_text())["data"]["files"]["train_file"]
+    assert recorded["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+    own.write_text(json.dumps([{"instruction": f"other {i}", "output": f"answer {i}"} for i in range(40)]))
+    with pytest.raises(SystemExit, match="the training examples changed since the run started"):
+        train.main(small_run(run, *common, "--resume"))
+    with pytest.raises(SystemExit, match=r"--seed 7, but the run in .* has --seed 1337"):
+        train.main(small_run(run, *common, "--resume", "--seed", "7"))
+
+
+def test_resume_takes_every_setting_not_given_from_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(small_run(run, "--max_steps", "4", "--eval_limit", "1", "--max_new_tokens", "1", "--stop_after", "2",
+                         "--lr", "0.01"))
+    capsys.readouterr()
+    # only the out_dir and --resume: the base, the adapter, the data and the schedule are the run's
+    result = train.main(["--out_dir", str(run), "--resume", "--data_dir", str(shared_path("data")), "--lr", "0.02"])
+    out = capsys.readouterr().out
+    assert "--resume: --lr 0.02 (the run had 0.01)" in out and "resumed from" in out and result["n"] == 1
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[2])["lr"] == pytest.approx(
+        train.get_lr(2, 0.02, 10, 4))
+
+
+def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
+    run = tmp_path / "run"
+    train.main(small_run(run, "--max_steps", "6", "--eval_interval", "2", "--val_examples", "8", "--keep_last", "2",
+                         "--save_interval", "1", "--eval_limit", "1", "--max_new_tokens", "1", "--lr", "0.03",
+                         "--warmup_steps", "0"))
+    log = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+    assert list(val) == [2, 4, 6] and all(math.isfinite(v) for v in val.values())
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best == {"step": min(val, key=val.get), "val_loss": min(val.values())}
+    assert torch.load(run / "best" / "ckpt.pt", weights_only=True)["step"] == best["step"]
+    assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["step_0000005.pt", "step_0000006.pt"]
+    assert (run / "checkpoints" / "step_0000006.pt").read_bytes() == (run / "ckpt.pt").read_bytes()
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
+    # resumed, the run keeps best/ unless it does better than best/ did
+    (run / "best" / "best.json").write_text(json.dumps({"step": 6, "val_loss": 1.0}))
+    train.main(["--out_dir", str(run), "--resume", "--max_steps", "8", "--data_dir", str(shared_path("data"))])
+    assert json.loads((run / "best" / "best.json").read_text()) == {"step": 6, "val_loss": 1.0}
+    assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["step_0000007.pt", "step_0000008.pt"]
+    # the validation loss is the answer loss of the held-out examples under the saved weights (best/: step 6)
+    args = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2"))
+    r = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
+    model, tok = train.load_base(args, r, shared_path("models/stories260K-hf"), torch.float32)
+    train.load_checkpoint(run / "best" / "ckpt.pt", model, args, train.base_fingerprint(model))
+    examples = train.load_training_examples(args, r, shared_path("data"), {})
+    kept, held = train.hold_out(args, r, examples)
+    assert len(held) == 8 and len(kept) == len(examples) - 8
+    assert {e["instruction"] for e in kept}.isdisjoint({e["instruction"] for e in held})
+    args.seed = 5  # the same slice for every seed
+    assert train.hold_out(args, r, examples)[1] == held
+    pairs = train.tokenize_dataset(tok, held, args.max_seq_len)[0]
+    assert train.mean_target_loss(args, r, model.eval(), pairs, tok.pad_id) == pytest.approx(val[6], rel=1e-5)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, capsys):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what oneDNN may use: caps this CPU below its bf16 units
+    if runs.cpu_has_native_bf16() is None:
+        pytest.skip("not an x86 CPU under Linux: no claim is made")
+    runs.setup_precision("bf16", "cpu")
+    assert "WARNING: --dtype bf16 on a CPU without native bf16" in capsys.readouterr().out
+    runs.setup_precision("fp32", "cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    if runs.cpu_has_native_bf16():
+        runs.setup_precision("bf16", "cpu")
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_a_mistyped_task_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "gsm9k"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: argument --task: invalid choice: 'gsm9k'") and "gsm8k" in err
