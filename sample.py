@@ -3,7 +3,7 @@ Ask the model you trained: load a run's base and its trained adapters, wrap each
 trained on, and stream the answer token by token (the name is nanoGPT's).
 
     python sample.py --out_dir out "Tom has 3 apples and buys 5 more. How many does he have?"
-    python sample.py --out_dir out --no_adapter "..."          # the base alone, same prompt: for comparison
+    python sample.py --out_dir out --no_adapter "..."          # the base alone, in its own format: for comparison
     python sample.py --out_dir out --routing "..."             # and each token's top-1 expert in every layer
     python sample.py --out_dir out --routing_png r.png "..."   # the same as a picture (needs matplotlib)
     python sample.py --out_dir out --file questions.txt        # one question a line; - or a pipe reads stdin
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     a("--top_p", type=float, default=1.0, help="sample from the smallest set of tokens this likely (default %(default)s)")
     a("--seed", type=int, default=1337, help="for sampling (default %(default)s)")
-    a("--no_adapter", action="store_true", help="the base alone answers, with the same prompt")
+    a("--no_adapter", action="store_true", help="the base alone answers, in its own format: ChatML for a base whose "
+      "tokenizer has <|im_start|> (an instruction-tuned one), else the run's --prompt_format")
     a("--routing", action="store_true", help="print each token's top-1 expert in each adapted layer, and the shares")
     a("--routing_png", default=None, help="draw that table as a PNG in this file (implies --routing; of the last question)")
     args = p.parse_args(argv)
@@ -316,6 +317,14 @@ def save_routing_png(path: str, pieces: list, n_prompt: int, names: list, top1, 
         plt.close(fig)
 
 
+def prompt_format(config: dict, tok, no_adapter: bool) -> str:
+    """The run's --prompt_format (alpaca for a run that recorded none); the base alone is asked in its own format:
+    ChatML if its tokenizer holds <|im_start|> as one token (an instruction-tuned base), else the run's."""
+    if no_adapter and len(tok.encode("<|im_start|>", bos=False)) == 1:
+        return "chatml"
+    return config.get("prompt_format", "alpaca")
+
+
 def main(argv=None):
     args = parse_args(argv)
     ckpt = read_checkpoint(Path(args.out_dir))
@@ -333,7 +342,8 @@ def main(argv=None):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     model, tok = load_model(args, ckpt, device, dtype)
     generator = torch.Generator(device).manual_seed(args.seed)
-    prompts = [eval_prompt_tokens(tok, {"instruction": q, "input": args.input}) for q in questions]  # BOS + template
+    fmt = prompt_format(ckpt["config"], tok, args.no_adapter)
+    prompts = [eval_prompt_tokens(tok, {"instruction": q, "input": args.input}, fmt) for q in questions]  # BOS + template
     for i, prompt in enumerate(prompts):  # all of them before the first answer
         if len(prompt) >= model.args.max_seq_len:
             which = f"question {i + 1}'s prompt" if len(prompts) > 1 else "the prompt"

@@ -8,8 +8,8 @@ Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task
     python train.py --task gsm8k --model ... --eval_only          # grade out_dir/ckpt.pt (or the bare base)
     python train.py --help                                        # every flag and its default
 
-Two presets hold the defaults that depend on the model's size: tiny for a base under 100M parameters (the built-in
-1.3M one, or stories260K) and llama-7b above; see PRESETS below. Flags given on the command line win.
+Three presets hold the defaults that depend on the model's size: tiny for a base under 100M parameters (the built-in
+1.3M one, or stories260K), small_cpu for one under 1B on a CPU (SmolLM2-135M) and llama-7b otherwise; see PRESETS below. Flags given on the command line win.
 
 Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step), then
 evaluation. The plumbing that is not a loop lives beside this file: runs.py (processes, precision, out_dir,
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data.grading import EVAL_KINDS, answer_reader, infer_kind
 from data.mixtures import format_mixture_report, load_mixture, load_test_sets, overlaps
-from data.prompts import IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, eval_prompt_tokens, tokenize_dataset
+from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, eval_prompt_tokens, tokenize_dataset
 from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
@@ -60,10 +60,15 @@ PRESETS = {
     # LLaMA-7B as LLM-Adapters trains it (its finetune.py and published commands), except the cutoff: theirs is
     # 256 tokens, which cuts the end of the answer (where the final number is) off 17.8% of GSM8K's training
     # examples (1,329 of 7,473 with the Alpaca prompt and the LLaMA-2 tokenizer); 512 cuts 0.04%
+    # a real 100M-class model (SmolLM2-135M) on a CPU, where a step of 8 examples takes seconds to a minute: a short
+    # run that shows the adapters move the answer loss, not a full epoch (on a GPU such a base gets llama-7b's)
+    "small_cpu": dict(lr=1e-3, epochs=None, max_steps=30, warmup_steps=3, batch_size=8, micro_batch_size=4,
+                      max_seq_len=320, eval_batch_size=16, max_new_tokens=256),
     "llama-7b": dict(lr=3e-4, epochs=3, max_steps=None, warmup_steps=100, batch_size=16, micro_batch_size=4,
                      max_seq_len=512, eval_batch_size=16, max_new_tokens=256),
 }
-SMALL_BASE = 100e6  # parameters: a smaller base gets the tiny preset, a larger one llama-7b's
+SMALL_BASE = 100e6  # parameters: a smaller base gets the tiny preset, a larger one llama-7b's ...
+CPU_BASE = 1e9  # ... except a base under a billion on a CPU: small_cpu
 
 
 def preset_default(key: str) -> str:
@@ -81,7 +86,7 @@ def parse_args(argv=None):
       "the family's benchmarks)")
     a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: the built-in tiny LLaMA "
       "(1.3M parameters, pretrained here on the task's training text and cached in $MOELORA_CACHE or ~/.cache/moelora)")
-    a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below (default: tiny for a base under 100M parameters, else llama-7b)")
+    a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below (default: tiny for a base under 100M parameters, small_cpu under 1B on a CPU, else llama-7b)")
     a("--pretrain_steps", type=int, default=150, help="steps (16 x 256 tokens) to pretrain the built-in tiny base (default %(default)s)")
     a("--data_dir", default=None, help="datasets root (gsm8k/, llm-adapters/); default $MOELORA_DATA_DIR or data/cache")
     a("--train_file", default=None, help="training JSON (e.g. Math10K / Commonsense170K) instead of the task's train split")
@@ -114,6 +119,9 @@ def parse_args(argv=None):
     a("--quantize", default="none", choices=["none", "int8"], help="store the frozen base as int8, a scale per 64 weights (quantize.py): LLaMA-7B in 7.1 GB, not 13.5 (default %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
+    a("--prompt_format", default="alpaca", choices=list(PROMPT_FORMATS), help="how a question is put to the model, in "
+      "training, grading and sample.py: LLM-Adapters' Alpaca template, or ChatML for instruction-tuned models such as "
+      "SmolLM2 (data/prompts.py) (default %(default)s)")
     a("--eval_file", default=None, help="your own test set, graded instead of the task's benchmarks (add --eval_tasks to grade those too): --train_file's format with an answer per record")
     a("--eval_kind", default=None, choices=EVAL_KINDS, help="how --eval_file is graded: the last number, one of its answer labels, or exact text (default: inferred from its answers, and printed)")
     a("--eval_only", action="store_true", help="no training: grade the run in out_dir (its base, --quantize and adapter "
@@ -142,7 +150,10 @@ def parse_args(argv=None):
         base = Transformer(shape)
     n_params = sum(p.numel() for p in base.parameters())
     args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters"
-    args.preset = args.preset or ("tiny" if n_params < SMALL_BASE else "llama-7b")
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    args.preset = args.preset or ("tiny" if n_params < SMALL_BASE else "small_cpu" if n_params < CPU_BASE and on_cpu
+                                  else "llama-7b")
+    args.preset_why += ", on a CPU" * (args.preset == "small_cpu")
     args.from_preset = [key for key, value in PRESETS[args.preset].items() if getattr(args, key) is None]
     for key in args.from_preset:
         setattr(args, key, PRESETS[args.preset][key])
@@ -167,7 +178,7 @@ def flags_given(p, argv) -> set:
 
 
 # what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
-RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "r", "lora_alpha", "target_modules")
+RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "r", "lora_alpha", "target_modules", "prompt_format")
 RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "max_seq_len", "val_examples")
 PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
 
@@ -318,7 +329,7 @@ def main(argv=None):
         train_examples, val_examples = hold_out(args, run, train_examples)
         max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
         train_set = tokenize_train_set(args, run, tok, train_examples, max_seq_len)
-        val_set = tokenize_dataset(tok, val_examples, max_seq_len)[0] if val_examples else None
+        val_set = tokenize_dataset(tok, val_examples, max_seq_len, args.prompt_format)[0] if val_examples else None
         if not batch_order(len(train_set.pairs), args.batch_size, 0, args.seed):
             raise SystemExit(f"error: {len(train_set.pairs)} training examples is fewer than one batch of {args.batch_size}")
     info = run_info(args, run, fingerprint, train_examples, tests)
@@ -381,7 +392,7 @@ def run_info(args, run: Run, fingerprint: dict, train_examples: list, tests: dic
             "data": {"files": {flag: {"path": str(Path(f).resolve()), "sha256": sha256_of(Path(f))} for flag, f in files.items()},
                      "train_examples": {"n": len(train_examples), "sha256": sha256_of(train_examples)},
                      "test_sets": {task: {"n": len(ex), "sha256": sha256_of(ex)} for task, ex in tests.items()}},
-            "prompt_sha256": sha256_of([PROMPT_NO_INPUT, PROMPT_WITH_INPUT]),
+            "prompt_sha256": sha256_of(PROMPT_FORMATS[args.prompt_format]),
             "code": git_commit(), "torch": torch.__version__, "device": run.device, "world_size": run.world_size,
             "autocast": str(run.amp_dtype).removeprefix("torch.")}
 
@@ -457,7 +468,7 @@ def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> Train
     names = list(dict.fromkeys(ex["source"] for ex in examples))  # in order of appearance
     pairs, sources, n_trunc, n_drop = [], [], 0, 0
     for s, name in enumerate(names):
-        p, t, d = tokenize_dataset(tok, [ex for ex in examples if ex["source"] == name], max_seq_len)
+        p, t, d = tokenize_dataset(tok, [ex for ex in examples if ex["source"] == name], max_seq_len, args.prompt_format)
         pairs += p
         sources += [s] * len(p)
         n_trunc, n_drop = n_trunc + t, n_drop + d
@@ -759,7 +770,7 @@ def grade_benchmark(args, run: Run, model, tok, task: str, examples, record: dic
 
 def answer_loss(args, run: Run, model, tok, examples) -> float:
     """Mean cross-entropy of the reference solutions given the prompt (teacher forcing)."""
-    pairs, _, _ = tokenize_dataset(tok, examples, model.args.max_seq_len)
+    pairs, _, _ = tokenize_dataset(tok, examples, model.args.max_seq_len, args.prompt_format)
     return mean_target_loss(args, run, model, pairs, tok.pad_id)
 
 
@@ -786,7 +797,7 @@ def generate_responses(args, run: Run, model, tok, task: str, examples) -> tuple
     # the start of the question), keeping the end with the choices and "### Response:". Only a small context
     # meets this (some commonsense prompts pass 800 tokens; the tiny model reads 512)
     room = max(model.args.max_seq_len - new_tokens, model.args.max_seq_len // 2)
-    prompts = [eval_prompt_tokens(tok, ex) for ex in examples]
+    prompts = [eval_prompt_tokens(tok, ex, args.prompt_format) for ex in examples]
     n_cut = sum(len(p) > room for p in prompts)
     prompts = [p[-room:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch

@@ -34,22 +34,33 @@ PROMPT_NO_INPUT = (
 )
 
 
-def format_prompt(example: dict) -> str:
-    """Everything the model is given, up to and including "### Response:\\n"."""
+# ChatML, the chat format of instruction-tuned models such as SmolLM2 and Qwen: one user turn, then the assistant's
+# turn is opened. The response ends with the tokenizer's EOS, which for those models is <|im_end|>. No system turn:
+# a model's own template may add a default one, which a fine-tuned model does not need
+CHATML_WITH_INPUT = "<|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n"
+CHATML_NO_INPUT = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+PROMPT_FORMATS = {"alpaca": (PROMPT_NO_INPUT, PROMPT_WITH_INPUT), "chatml": (CHATML_NO_INPUT, CHATML_WITH_INPUT)}
+
+
+def format_prompt(example: dict, fmt: str = "alpaca") -> str:
+    """Everything the model is given before its response: up to "### Response:\\n" (alpaca), or the opened
+    assistant turn (chatml)."""
+    no_input, with_input = PROMPT_FORMATS[fmt]
     if example.get("input"):
-        return PROMPT_WITH_INPUT.format(instruction=example["instruction"], input=example["input"])
-    return PROMPT_NO_INPUT.format(instruction=example["instruction"])
+        return with_input.format(instruction=example["instruction"], input=example["input"])
+    return no_input.format(instruction=example["instruction"])
 
 
-def eval_prompt_tokens(tokenizer, example: dict) -> list:
-    """BOS + prompt: what generation starts from at evaluation."""
-    return tokenizer.encode(format_prompt(example), bos=True, eos=False)
+def eval_prompt_tokens(tokenizer, example: dict, fmt: str = "alpaca") -> list:
+    """BOS (if the tokenizer's model has one) + prompt: what generation starts from at evaluation."""
+    return tokenizer.encode(format_prompt(example, fmt), bos=True, eos=False)
 
 
-def example_ids(tokenizer, example: dict) -> tuple:
+def example_ids(tokenizer, example: dict, fmt: str = "alpaca") -> tuple:
     """BOS + prompt + response + EOS, and n_prompt: how many of those ids are BOS + prompt."""
-    prompt_ids = eval_prompt_tokens(tokenizer, example)
-    ids = tokenizer.encode(format_prompt(example) + example["output"], bos=True, eos=True)
+    prompt_ids = eval_prompt_tokens(tokenizer, example, fmt)
+    ids = tokenizer.encode(format_prompt(example, fmt) + example["output"], bos=True, eos=True)
     # Encoding the text in one piece tokenises the response as it reads after the prompt. SentencePiece
     # could in principle merge across the boundary; then the evaluation prompt would not be a prefix of
     # the training sequence, so fall back to the response encoded on its own.
@@ -71,19 +82,19 @@ def inputs_and_labels(ids: list, n_prompt: int, max_seq_len: int):
     return tokens, labels
 
 
-def tokenize_example(tokenizer, example: dict, max_seq_len: int):
+def tokenize_example(tokenizer, example: dict, max_seq_len: int, fmt: str = "alpaca"):
     """(tokens, labels), two lists of the same length <= max_seq_len with labels[i] the target of tokens[i]
     (-100 where the target is a prompt token), or None when the prompt leaves no room for the response."""
-    ids, n_prompt = example_ids(tokenizer, example)
+    ids, n_prompt = example_ids(tokenizer, example, fmt)
     return inputs_and_labels(ids, n_prompt, max_seq_len)
 
 
-def tokenize_dataset(tokenizer, examples: list, max_seq_len: int) -> tuple:
+def tokenize_dataset(tokenizer, examples: list, max_seq_len: int, fmt: str = "alpaca") -> tuple:
     """([(tokens, labels), ...], n_truncated, n_dropped): dropped examples are left out of the list,
     truncated ones (at least one target cut away) are kept; the counts are there to be reported."""
     pairs, n_truncated, n_dropped = [], 0, 0
     for example in examples:
-        ids, n_prompt = example_ids(tokenizer, example)
+        ids, n_prompt = example_ids(tokenizer, example, fmt)
         pair = inputs_and_labels(ids, n_prompt, max_seq_len)
         if pair is None:
             n_dropped += 1

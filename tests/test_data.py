@@ -287,6 +287,14 @@ def check_pair(tok, example, tokens, labels):
     return n_prompt
 
 
+def test_chatml_prompt_format():
+    example = {"instruction": "What is 2 + 3?", "input": "", "output": "5"}
+    assert format_prompt(example, "chatml") == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt(dict(example, input="ctx"), "chatml") == ("<|im_start|>user\nWhat is 2 + 3?\n\nctx<|im_end|>\n"
+                                                                 "<|im_start|>assistant\n")
+    assert format_prompt(example) == format_prompt(example, "alpaca") != format_prompt(example, "chatml")
+
+
 def test_tokenize_masks_exactly_the_prompt():
     tok = llama_tokenizer()
     examples = (real_split("gsm8k", "train")[:40] + real_split("addsub", "test")[:40]

@@ -845,3 +845,16 @@ def test_a_mistyped_task_is_one_line(capsys):
         train.parse_args(["--task", "gsm9k"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: argument --task: invalid choice: 'gsm9k'") and "gsm8k" in err
+
+
+def test_the_prompt_format_is_the_runs(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(small_run(run, "--prompt_format", "chatml", "--max_steps", "1", "--eval_limit", "1", "--max_new_tokens", "1"))
+    assert json.loads((run / "run.json").read_text())["settings"]["prompt_format"] == "chatml"
+    capsys.readouterr()
+    # graded again in the run's format: the answer loss is the same as at the end of training
+    first = json.loads((run / "metrics_gsm8k_first1.json").read_text())["answer_loss"]
+    again = train.main(small_run(run, "--eval_only", "--eval_limit", "1", "--max_new_tokens", "1"))
+    assert again["answer_loss"] == pytest.approx(first, rel=1e-6)
+    with pytest.raises(SystemExit, match="--prompt_format alpaca, but the run in .* has --prompt_format chatml"):
+        train.main(small_run(run, "--eval_only", "--prompt_format", "alpaca"))
