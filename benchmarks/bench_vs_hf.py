@@ -4,11 +4,14 @@ This project against transformers + PEFT: the same LLaMA, the same work, measure
     python benchmarks/bench_vs_hf.py                          # CPU, float32: 8 layers x dim 512, vocab 32000, batch 4 x 256
     python benchmarks/bench_vs_hf.py --rounds 3 --parts train --no_memory        # a quicker look
     python benchmarks/bench_vs_hf.py --profile                # also: where one training step of each contender spends its time
+    python benchmarks/bench_vs_hf.py --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --methods lora,moelora --parts train,generate --no_memory   # a real model: SmolLM2-135M, read by both
     python benchmarks/bench_vs_hf.py --device cuda --dtype bf16 --shape 7b --methods lora,moelora,moelora-cl0 [--compile] [--grad_checkpointing]
                                                    # (benchmarks/README.md "On a GPU": an H200's figures)
 
 Both models are built with the same random weights: transformers' LlamaForCausalLM(LlamaConfig(...)) is
-saved with save_pretrained and loaded by Transformer.from_pretrained (nothing is downloaded). Contenders
+saved with save_pretrained and loaded by Transformer.from_pretrained (nothing is downloaded). With --model, both
+read the same real checkpoint instead (a GGUF file: transformers dequantises it with the gguf package). Contenders
 run in turn, round after round in one process (who goes first rotates), so that a slow moment of the
 machine hits them all alike; tables show medians. Three parts:
 
@@ -46,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -70,6 +74,7 @@ def parse_args(argv=None):
     a("--device", default="cpu")
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype the models are stored in (adapters stay float32)")
     a("--shape", default="small", choices=list(SHAPES))
+    a("--model", default=None, help="a real checkpoint (GGUF file or HF directory) instead of random weights of --shape")
     a("--n_layers", type=int, default=None, help="layers (default: the shape's): fewer layers of a real width, to measure it quickly")
     a("--vocab", type=int, default=32000)
     a("--batch", type=int, default=None, help="training batch (default: the shape's)")
@@ -120,8 +125,14 @@ def hf_config(margs: ModelArgs):
 
 
 def build_pair(args):
-    """(ours, hf): the same random weights in both, on args.device in args.dtype, eval mode."""
+    """(ours, hf): the same random weights in both, or the same --model, on args.device in args.dtype, eval mode."""
     import transformers
+    if args.model:
+        path = Path(args.model)
+        gguf = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent if gguf else path, dtype=args.torch_dtype, **gguf)
+        ours = Transformer.from_pretrained(path, dtype=args.torch_dtype, device=args.device)
+        return ours, hf.to(args.device).eval()
     margs = model_args(args)
     torch.manual_seed(0)
     with torch.device(args.device):  # initialised where it runs: a 7B model's random init takes minutes on a CPU

@@ -13,8 +13,8 @@ start=$(date +%s)
 python train.py --task gsm8k --out_dir "$OUT/default"
 echo "default run: $(( $(date +%s) - start )) s" | tee "$OUT/default_time.txt"
 
-# the base the default run built; train.py recognises it (its tiny_base.json) and keeps the tiny preset
-TINY=(--model "$(ls -d "$OUT"/default/tiny_base_gsm8k_*)" --log_interval 5)
+# the base the default run built (in the cache, ~/.cache/moelora; its run.json says where); the tiny preset stays
+TINY=(--model "$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['base']['path'])" "$OUT/default/run.json")" --log_interval 5)
 # the base alone, graded the same way (no checkpoint in the directory: --eval_only grades the bare base)
 python train.py --task gsm8k "${TINY[@]}" --eval_only --out_dir "$OUT/base"
 for seed in 1 2 3; do
