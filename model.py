@@ -35,6 +35,10 @@ class ModelArgs:
     # overrides the formula; tied embeddings share tok_embeddings.weight with output.weight
     hidden_dim: Optional[int] = None
     tie_word_embeddings: bool = False
+    # RoPE scaling in Hugging Face's form, a plain dict (it goes into JSON as is): None (plain RoPE),
+    # {"rope_type": "linear", "factor": 2.0}, or Llama 3.1's {"rope_type": "llama3", "factor": 8.0,
+    # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}. See rope_inv_freq
+    rope_scaling: Optional[dict] = None
 
 
 class RMSNorm(nn.Module):
@@ -50,9 +54,40 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None):
-    # angle[t, i] = t * theta^(-2i / head_dim) for i < head_dim / 2; returns cos and sin, each [max_seq_len, head_dim // 2]
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Optional[dict] = None, device=None):
+    # inv_freq[i] = theta^(-2i / head_dim) for i < head_dim / 2, [head_dim // 2]: pair i turns by inv_freq[i] per token.
+    # Scaling slows the turns down so that a longer context maps onto angles seen in pretraining (the operations are
+    # transformers', in its order, so that its tables are matched exactly):
+    #   linear: inv_freq / factor, the same as dividing the positions by factor
+    #   llama3 (Llama 3.1, 3.2): wavelen = 2 pi / inv_freq (tokens per turn), L = original_max_position_embeddings;
+    #     wavelen < L / high_freq_factor: kept (fast pairs, word order: they turned many times within L in pretraining)
+    #     wavelen > L / low_freq_factor:  inv_freq / factor (slow pairs, which never finished a turn within L)
+    #     in between: (1 - s) * inv_freq / factor + s * inv_freq, s = (L / wavelen - low) / (high - low) going from
+    #     0 to 1 across the band, so that the two ends join without a step
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    kind = (rope_scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = rope_scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        L = rope_scaling["original_max_position_embeddings"]
+        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > L / low, inv_freq / factor, inv_freq)
+        s = (L / wavelen - low) / (high - low)
+        smoothed = (1 - s) * slowed / factor + s * slowed
+        in_band = (wavelen >= L / high) & (wavelen <= L / low)
+        return torch.where(in_band, smoothed, slowed)
+    raise ValueError(f"RoPE scaling {rope_scaling}: model.py knows only linear and llama3")
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None, rope_scaling: Optional[dict] = None):
+    # angle[t, i] = t * inv_freq[i] (rope_inv_freq); returns cos and sin, each [max_seq_len, head_dim // 2], float32.
+    # Llama 3's max_seq_len of 131072 with head_dim 64 makes them 2 x 16 MiB (head_dim 128: 2 x 32 MiB): small beside
+    # the weights, so the whole context is precomputed, as for any other model
+    inv_freq = rope_inv_freq(head_dim, theta, rope_scaling, device)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(t, inv_freq)
     return angles.cos(), angles.sin()
@@ -155,7 +190,8 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables are derived, not learned: non-persistent buffers stay out of the state dict
-        cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta,
+                                   rope_scaling=args.rope_scaling)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.grad_checkpointing = False  # trade compute for memory in training: see forward
@@ -174,7 +210,8 @@ class Transformer(nn.Module):
         # rebuild them in float32 on whatever device the weights went to (to_empty from "meta" included)
         super()._apply(fn, *a, **kw)
         a = self.args
-        self.freqs_cos, self.freqs_sin = precompute_rope(a.dim // a.n_heads, a.max_seq_len, a.rope_theta, self.freqs_cos.device)
+        self.freqs_cos, self.freqs_sin = precompute_rope(a.dim // a.n_heads, a.max_seq_len, a.rope_theta,
+                                                         self.freqs_cos.device, a.rope_scaling)
         return self
 
     def forward(self, tokens, targets=None, positions=None, mask=None, cache=None):

@@ -1,4 +1,5 @@
 """model.py against transformers' LLaMA, real checkpoints in ../shared, and bad input."""
+import dataclasses
 import json
 import struct
 import weakref
@@ -10,7 +11,7 @@ import checkpoints
 from conftest import shared_path
 from checkpoints import read_safetensors
 from data.prompts import IGNORE_INDEX
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, rope_inv_freq
 from tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency (requirements-dev.txt)")
@@ -181,6 +182,147 @@ def test_meta_checkpoint_matches_transformers(tmp_path, n_shards, overrides, ext
     ours = Transformer.from_pretrained(tmp_path)
     assert ours.args.vocab_size == c.vocab_size
     assert_same_logits(ours, hf)
+
+
+# ---- RoPE scaling: Llama 3.1 / 3.2 (llama3) and linear, from HF configs and Meta's use_scaled_rope
+
+# a small original context (32) makes the 16-wide heads' pairs fall in all three llama3 bands (kept, smoothed,
+# divided by factor), and 64-token sequences run past it
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+def sharpen_attention(hf, gain=8.0):
+    # LLaMA's init (std 0.02) leaves attention nearly uniform, so the rotation angles barely reach the logits:
+    # larger q/k weights make them matter (ignoring the scaling then moves the logits by 0.44 instead of 0.006)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(gain)
+            layer.self_attn.k_proj.weight.mul_(gain)
+    return hf
+
+
+def logits_of(model, tokens):
+    with torch.no_grad():
+        return model(tokens)[0]
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_hf_rope_scaling_matches_transformers(tmp_path, kind):
+    scaling = ROPE_SCALINGS[kind]
+    hf = sharpen_attention(make_hf_model(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                         max_position_embeddings=128,
+                                         rope_scaling={**scaling, "rope_theta": 10000.0}))
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.args.rope_scaling == scaling and ours.args.max_seq_len == 128
+    # the rotary table itself: transformers' inv_freq exactly, and its cos/sin at every position
+    inv_freq = rope_inv_freq(16, 10000.0, ours.args.rope_scaling)
+    assert torch.equal(inv_freq, hf.model.rotary_emb.inv_freq)
+    slowdown = rope_inv_freq(16, 10000.0) / inv_freq
+    if kind == "llama3":  # one pair kept, one smoothed, the rest divided by 8: every branch of the formula is used
+        assert slowdown[0] == 1 and 1 < slowdown[1] < 8 and torch.all(slowdown[2:] == 8)
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, 64, 16), torch.arange(64)[None])  # [1, 64, 16], halves repeated
+    assert torch.equal(ours.freqs_cos[:64], cos[0, :, :8]) and torch.equal(ours.freqs_sin[:64], sin[0, :, :8])
+    tokens = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(1))
+    expected = hf_logits(hf, tokens)
+    torch.testing.assert_close(logits_of(ours, tokens), expected, atol=1e-4, rtol=0)
+    # the same weights with plain RoPE are far off: the comparison above sees the scaling
+    plain = Transformer(dataclasses.replace(ours.args, rope_scaling=None)).eval()
+    plain.load_state_dict(ours.state_dict())
+    assert (logits_of(plain, tokens) - expected).abs().max() > 0.05
+    # the layout of configs written before transformers 5 (Llama 3.2's own): rope_scaling + top-level rope_theta
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = {k: v for k, v in config.pop("rope_parameters").items() if k != "rope_theta"}
+    config["rope_theta"] = 10000.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert checkpoints.read_model_args(tmp_path) == ours.args
+
+
+LLAMA_32_1B_CONFIG = {  # meta-llama/Llama-3.2-1B's config.json
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 128256}
+SMOLLM2_135M_CONFIG = {  # HuggingFaceTB/SmolLM2-135M's config.json
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+    "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "model_type": "llama",
+    "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 49152}
+
+
+def test_todays_hf_configs():
+    args = checkpoints.hf_config_to_args(LLAMA_32_1B_CONFIG, "config.json")
+    assert args == ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                             norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_word_embeddings=True,
+                             rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert json.loads(json.dumps(dataclasses.asdict(args))) == dataclasses.asdict(args)  # fingerprints are JSON
+    with torch.device("meta"):  # the whole 131072-token context is precomputed: 2 x 16 MiB of float32
+        assert Transformer(args).freqs_cos.shape == (131072, 32)
+    args = checkpoints.hf_config_to_args(SMOLLM2_135M_CONFIG, "config.json")
+    assert args == ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                             norm_eps=1e-5, rope_theta=100000, max_seq_len=8192, tie_word_embeddings=True)
+
+
+# config.json edits that model.py cannot follow: (edit, error, what the one line says)
+UNSUPPORTED_CONFIGS = [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                          "original_max_position_embeddings": 32}},
+     NotImplementedError, "RoPE scaling 'yarn' is not supported"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     NotImplementedError, "RoPE scaling 'dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "rope_theta": 1e4}},
+     ValueError, "RoPE scaling 'llama3' without its 'low_freq_factor' parameter"),
+    ({"head_dim": 32}, NotImplementedError, r"head_dim 32 is not hidden_size / num_attention_heads \(64 / 4\)"),
+    ({"hidden_act": "gelu"}, NotImplementedError, "hidden_act 'gelu' is not supported"),
+    ({"attention_bias": True}, NotImplementedError, "biases"),
+]
+
+
+@pytest.mark.parametrize("edit,error,message", UNSUPPORTED_CONFIGS,
+                         ids=["yarn", "dynamic", "llama3_incomplete", "head_dim", "gelu", "bias"])
+def test_error_unsupported_hf_config(tmp_path, edit, error, message):
+    make_hf_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(error, match=message) as e:
+        Transformer.from_pretrained(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "config.json")) and "\n" not in str(e.value)
+
+
+def test_meta_use_scaled_rope(tmp_path):
+    # Llama 3.1's params.json: use_scaled_rope means Meta's fixed llama3 values; a rope_theta of 500000 with 16-wide
+    # heads puts pairs in all three bands of an 8192-token original context
+    meta_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+    hf = sharpen_attention(make_hf_model(num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
+                                         max_position_embeddings=16384,
+                                         rope_scaling={**meta_scaling, "rope_theta": 500000.0}))
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "multiple_of": 32,
+              "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    write_meta(tmp_path, hf, 1, params)
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.args.rope_scaling == meta_scaling
+    inv_freq = rope_inv_freq(16, 500000.0, ours.args.rope_scaling)
+    assert torch.equal(inv_freq, hf.model.rotary_emb.inv_freq)
+    slowdown = rope_inv_freq(16, 500000.0) / inv_freq
+    assert torch.all(slowdown[:4] == 1) and 1 < slowdown[4] < 8 and torch.all(slowdown[5:] == 8)
+    tokens = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(1))
+    expected = hf_logits(hf, tokens)
+    torch.testing.assert_close(logits_of(ours, tokens), expected, atol=1e-4, rtol=0)
+    plain = Transformer(dataclasses.replace(ours.args, rope_scaling=None)).eval()
+    plain.load_state_dict(ours.state_dict())
+    assert (logits_of(plain, tokens) - expected).abs().max() > 1e-3
 
 
 # ---- the model itself
