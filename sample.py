@@ -255,7 +255,7 @@ def short_name(name: str) -> str:
 def print_routing(pieces: list, n_prompt: int, names: list, top1, num_experts: int, colour: bool):
     labels = [short_name(n) for n in names]
     w = max(len(str(num_experts - 1)), *map(len, labels))
-    print(f"top-1 expert of each token (rows; \u2581 is a space) in each adapted layer (columns); {len(pieces)} "
+    print(f"top-1 expert of each token (rows; \u2581 or \u0120 is a space) in each adapted layer (columns); {len(pieces)} "
           "tokens: the prompt, then after the line the answer")
     print(f"{'token':>14} " + " ".join(label.rjust(w) for label in labels))
     for t, (piece, row) in enumerate(zip(pieces, top1.tolist())):
@@ -361,7 +361,7 @@ def main(argv=None):
         top1 = None  # [T, layers] with --routing
         if args.routing:
             names, top1 = top1_experts(model, prompt + answer, dtype)
-            pieces = [tok.sp.id_to_piece(i).replace("\n", "\\n") for i in prompt + answer]  # "▁" marks a space
+            pieces = [tok.piece(i).replace("\n", "\\n") for i in prompt + answer]  # "▁" or "Ġ" marks a space
             print_routing(pieces, len(prompt), names, top1, num_experts, sys.stdout.isatty())
             if args.routing_png:
                 save_routing_png(args.routing_png, pieces, len(prompt), names, top1, num_experts)

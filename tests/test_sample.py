@@ -151,7 +151,7 @@ def test_routing_table_is_the_top1_of_a_full_forward(moe_run, capsys):
     assert all(0 <= e < 4 for _, experts in rows for e in experts)
     assert len(shares) == 4 and sum(shares) == pytest.approx(100, abs=0.3)
     model, tok = run_model(moe_run)
-    assert [piece for piece, _ in rows][:2] == ["<s>", tok.sp.id_to_piece(ids[1])]
+    assert [piece for piece, _ in rows][:2] == ["<s>", tok.piece(ids[1])]
     with torch.no_grad():
         model(torch.tensor([ids]))
     expected = torch.stack([layer.last_top_idx[:, 0] for _, layer in moelora_layers(model)], 1)  # [T, layers]

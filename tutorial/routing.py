@@ -218,7 +218,7 @@ def analyse(run_dir: Path, n: int, data_dir, base=None, response_only: bool = Fa
     encoded = [example_ids(tok, ex) for ex in examples]  # (BOS + prompt + solution + EOS ids, n_prompt)
     sequences = [ids[:min(max_len, model.args.max_seq_len)] for ids, _ in encoded]
     # a token without a kind is not counted: BOS, EOS, and with response_only the prompt's tokens
-    kinds = [[token_kind(tok.sp.id_to_piece(i)) if t >= n_prompt or not response_only else None
+    kinds = [[token_kind(tok.piece(i)) if t >= n_prompt or not response_only else None
               for t, i in enumerate(s)] for s, (_, n_prompt) in zip(sequences, encoded)]
     N = moelora_layers(model)[0][1].config.num_experts
     experts, experts0 = top1_experts(model, sequences, tok.pad_id), top1_experts(model0, sequences, tok.pad_id)

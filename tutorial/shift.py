@@ -397,7 +397,7 @@ def trial_measures(args, d: Path, full: bool):
         pairs = tokenize_dataset(tok, examples, cutoff)[0]
         sequences = [example_ids(tok, ex)[0][:cutoff] for ex in examples]
         kinds = torch.tensor([KINDS.index(k) if k else -1 for q in sequences
-                              for k in (token_kind(tok.sp.id_to_piece(i)) for i in q)])  # [tokens], -1: BOS, EOS
+                              for k in (token_kind(tok.piece(i)) for i in q)])  # [tokens], -1: BOS, EOS
         k = layers[0][1].config.top_k
         trained = {name: layer.router.weight.detach().clone() for name, layer in layers}
         _, start, _, _ = load_run(d)  # the run as it started: its routers redrawn by seeding as train.py did
