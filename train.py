@@ -56,16 +56,16 @@ from tokenizer import Tokenizer
 PRESETS = {
     # the built-in tiny base on a CPU: the whole job in a few minutes (80 steps, 0.17 of an epoch of GSM8K)
     "tiny": dict(lr=3e-3, epochs=None, max_steps=80, warmup_steps=10, batch_size=16, micro_batch_size=16,
-                 max_seq_len=384, eval_batch_size=64, max_new_tokens=160),
+                 max_seq_len=384, eval_batch_size=64, max_new_tokens=160, eval_limit=None),
     # LLaMA-7B as LLM-Adapters trains it (its finetune.py and published commands), except the cutoff: theirs is
     # 256 tokens, which cuts the end of the answer (where the final number is) off 17.8% of GSM8K's training
     # examples (1,329 of 7,473 with the Alpaca prompt and the LLaMA-2 tokenizer); 512 cuts 0.04%
-    # a real 100M-class model (SmolLM2-135M) on a CPU, where a step of 8 examples takes seconds to a minute: a short
-    # run that shows the adapters move the answer loss, not a full epoch (on a GPU such a base gets llama-7b's)
-    "small_cpu": dict(lr=1e-3, epochs=None, max_steps=30, warmup_steps=3, batch_size=8, micro_batch_size=4,
-                      max_seq_len=320, eval_batch_size=16, max_new_tokens=256),
+    # a real 100M-class model (SmolLM2-135M) on a CPU, where a step of 8 examples takes about half a minute: a short
+    # run that shows what the adapters do, graded on the first 100 questions (on a GPU such a base gets llama-7b's)
+    "small_cpu": dict(lr=1e-3, epochs=None, max_steps=20, warmup_steps=2, batch_size=8, micro_batch_size=4,
+                      max_seq_len=256, eval_batch_size=16, max_new_tokens=200, eval_limit=100),
     "llama-7b": dict(lr=3e-4, epochs=3, max_steps=None, warmup_steps=100, batch_size=16, micro_batch_size=4,
-                     max_seq_len=512, eval_batch_size=16, max_new_tokens=256),
+                     max_seq_len=512, eval_batch_size=16, max_new_tokens=256, eval_limit=None),
 }
 SMALL_BASE = 100e6  # parameters: a smaller base gets the tiny preset, a larger one llama-7b's ...
 CPU_BASE = 1e9  # ... except a base under a billion on a CPU: small_cpu
@@ -126,7 +126,7 @@ def parse_args(argv=None):
     a("--eval_kind", default=None, choices=EVAL_KINDS, help="how --eval_file is graded: the last number, one of its answer labels, or exact text (default: inferred from its answers, and printed)")
     a("--eval_only", action="store_true", help="no training: grade the run in out_dir (its base, --quantize and adapter "
       "come from its run.json), or the base model when out_dir holds no run")
-    a("--eval_limit", type=int, default=None, help="grade only the first N test examples")
+    a("--eval_limit", type=int, default=None, help="grade only the first N test examples " + preset_default("eval_limit"))
     a("--eval_batch_size", type=int, default=None, help="prompts per generation batch " + preset_default("eval_batch_size"))
     a("--max_new_tokens", type=int, default=None, help="generation budget per answer " + preset_default("max_new_tokens"))
     a("--resume", action="store_true", help="continue from out_dir/ckpt.pt; every setting not given again comes from the run's run.json")

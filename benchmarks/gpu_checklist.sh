@@ -18,6 +18,10 @@
 #   8. --compile at LLaMA-7B's width (4 layers: compiling 32 takes longer than a short lease)
 #   9. NCCL data parallel with every GPU (skipped on one GPU)
 #  10. the test suite on this machine's torch / transformers / peft (the tests themselves run on the CPU)
+#  11. a real model, whole: SmolLM2-135M-Instruct (the GGUF file of ../shared) on all 7,473 GSM8K training questions
+#      (one epoch) and all 1,319 test questions, ChatML, LoRA r32 then MoELoRA 8 x r4 top-2: accuracy and time.
+#      Last, since it is the longest: give the whole list about 20 minutes (seconds 1200), or run part 11 alone with
+#      ONLY=11 bash benchmarks/gpu_checklist.sh
 # Each part prints its figures and ends with "== <part>: rc R in S s"; benchmarks/README.md is where they go.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +34,7 @@ mkdir -p "$OUT"
 part() {  # part NAME LIMIT COMMAND...: runs COMMAND for at most LIMIT seconds, or what is left before the deadline
   local name=$1 limit=$2 start left rc
   shift 2
+  if [[ -n "${ONLY:-}" && "$name" != "$ONLY."* ]]; then return; fi  # ONLY=11: that part alone
   start=$(date +%s)
   left=$(( DEADLINE - start ))
   (( left < limit )) && limit=$left
@@ -76,3 +81,8 @@ else
   echo "== 9. NCCL data parallel: skipped, one GPU"
 fi
 part "10. the test suite" 150 python -m pytest -q -x -p no:cacheprovider $(python -c "import xdist" 2>/dev/null && echo -n "-n 8")
+
+SMOL=(--task gsm8k --model "$SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf" --device cuda
+      --dtype bf16 --prompt_format chatml --epochs 1 --log_interval 50 --overwrite)
+part "11. SmolLM2-135M, full GSM8K, LoRA r32" 300 python train.py "${SMOL[@]}" --method lora --r 32 --out_dir "$OUT/smol_lora"
+part "11. SmolLM2-135M, full GSM8K, MoELoRA" 300 python train.py "${SMOL[@]}" --method moelora --out_dir "$OUT/smol_moelora"
