@@ -6,7 +6,7 @@ Read top to bottom:
   2. KVCache and Transformer.generate (batched, left-padded prompts, greedy or temperature/top-p)
 
 Parameter names follow Meta's release (tok_embeddings, layers.{i}.attention.wq, ...). Transformer.from_pretrained
-reads Meta, Hugging Face and llama2.c checkpoints through checkpoints.py, which maps their names onto these.
+reads Meta, Hugging Face, llama2.c and GGUF checkpoints through checkpoints.py, which maps their names onto these.
 """
 import math
 from dataclasses import dataclass
@@ -310,7 +310,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None) -> "Transformer":
-        """Load a Meta, Hugging Face or llama2.c checkpoint (the format is detected from the files), in `dtype`
+        """Load a Meta, Hugging Face, llama2.c or GGUF checkpoint (the format is detected from the files), in `dtype`
         (default: the checkpoint's own) on `device` (default CPU). checkpoints.load_pretrained tells how."""
         from checkpoints import load_pretrained
         return load_pretrained(cls, path, dtype, device)

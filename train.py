@@ -84,7 +84,7 @@ def parse_args(argv=None):
       "or a family (math, commonsense: train on its mixture, grade all its benchmarks) (default %(default)s)")
     a("--eval_tasks", default=None, help="comma-separated benchmarks to grade after training (default: the task, or "
       "the family's benchmarks)")
-    a("--model", default=None, help="LLaMA checkpoint directory (Meta or HF) or llama2.c .bin; default: the built-in tiny LLaMA "
+    a("--model", default=None, help="LLaMA checkpoint: a Meta or HF directory, a llama2.c .bin or a GGUF file; default: the built-in tiny LLaMA "
       "(1.3M parameters, pretrained here on the task's training text and cached in $MOELORA_CACHE or ~/.cache/moelora)")
     a("--preset", default=None, choices=list(PRESETS), help="the size-dependent defaults below (default: tiny for a base under 100M parameters, small_cpu under 1B on a CPU, else llama-7b)")
     a("--pretrain_steps", type=int, default=150, help="steps (16 x 256 tokens) to pretrain the built-in tiny base (default %(default)s)")
