@@ -8,6 +8,7 @@ import time
 import unicodedata
 
 import pytest
+import torch
 from conftest import shared_path
 
 from tokenizer import (BPETokenizer, BYTE_TO_CHAR, GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, Tokenizer,
@@ -315,3 +316,31 @@ def test_unsupported_gguf_metadata_is_one_line():
     one_line_error(ValueError, lambda: BPETokenizer.from_gguf_metadata(meta, "m.gguf"), "m.gguf", "default")
     meta["tokenizer.ggml.model"] = "llama"  # SentencePiece inside a GGUF
     one_line_error(ValueError, lambda: BPETokenizer.from_gguf_metadata(meta, "m.gguf"), "m.gguf", "llama")
+
+
+def test_a_llama3_style_checkpoint_with_its_tokenizer_json_as_transformers(tmp_path):
+    """A random Llama-3-style Hugging Face checkpoint, as a user has one: llama3 RoPE scaling, tied embeddings, GQA, a
+    byte-level tokenizer.json whose post-processor adds <|begin_of_text|>. Our tokenizer and model against
+    transformers' AutoTokenizer and LlamaForCausalLM, on text past the scaling's original context."""
+    import transformers
+    from model import Transformer
+    questions = [json.loads(line)["question"] for line in open(shared_path("data/gsm8k/test.jsonl"), encoding="utf-8")]
+    train_tiny(tmp_path, PRE_TOKENIZERS["llama3"](), questions[:1000], llama3_like=True)
+    config = transformers.LlamaConfig(
+        vocab_size=600, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16, "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours, tok = Transformer.from_pretrained(tmp_path).eval(), Tokenizer.from_dir(tmp_path)
+    assert isinstance(tok, BPETokenizer) and ours.args.rope_scaling["rope_type"] == "llama3"
+    text = questions[1000] + " " + questions[1001]
+    ids = tok.encode(text, bos=True)
+    assert ids == hf_tok(text).input_ids and ids[0] == 0 and len(ids) > 100
+    ids = ids[:100]  # the model reads 128; well past the scaling's original 16 positions
+    with torch.no_grad():
+        diff = (ours(torch.tensor([ids]))[0] - hf_model(torch.tensor([ids])).logits).abs().max().item()
+    assert diff < 1e-4
