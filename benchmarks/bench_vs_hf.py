@@ -96,6 +96,8 @@ def parse_args(argv=None):
     a("--peak_tflops", type=float, default=None, help="the device's peak for MFU (default: known GPUs by name)")
     a("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one contender's memory and print JSON
     args = p.parse_args(argv)
+    if args.model and not args.no_memory and not args.child:  # the memory subprocesses build --shape's random model
+        p.error("--model measures speed only: add --no_memory")
     shape = SHAPES[args.shape]
     args.batch, args.seq = args.batch or shape["batch"], args.seq or shape["seq"]
     args.parts, args.methods = args.parts.split(","), args.methods.split(",")
