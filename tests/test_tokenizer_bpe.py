@@ -297,7 +297,8 @@ def write_tokenizer_json(folder, **changes):
 
 def test_unsupported_tokenizer_json_is_one_line(tmp_path):
     path = write_tokenizer_json(tmp_path / "ws", pre_tokenizer={"type": "Whitespace"})
-    one_line_error(ValueError, lambda: Tokenizer.from_dir(path.parent), path, "Whitespace")
+    message = one_line_error(ValueError, lambda: Tokenizer.from_dir(path.parent), path, "Whitespace")
+    assert message.startswith(str(path))  # the file first, then what in it is not supported
     odd = {"type": "Split", "pattern": {"Regex": "\\s+\n"}, "behavior": "Isolated", "invert": False}
     path = write_tokenizer_json(tmp_path / "split", pre_tokenizer={"type": "Sequence", "pretokenizers": [odd]})
     one_line_error(ValueError, lambda: BPETokenizer.from_tokenizer_json(path), path, "Split")
@@ -308,14 +309,17 @@ def test_unsupported_tokenizer_json_is_one_line(tmp_path):
     garbled.write_text('{"model": ')
     one_line_error(ValueError, lambda: Tokenizer.from_dir(garbled.parent), garbled)
     path = write_tokenizer_json(tmp_path / "no_eos")  # no tokenizer_config.json beside it: no eos to end or pad with
-    one_line_error(ValueError, lambda: BPETokenizer.from_tokenizer_json(path), path, "eos")
+    message = one_line_error(ValueError, lambda: BPETokenizer.from_tokenizer_json(path), path, "eos")
+    assert message.startswith(str(path))
 
 
 def test_unsupported_gguf_metadata_is_one_line():
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": []}
-    one_line_error(ValueError, lambda: BPETokenizer.from_gguf_metadata(meta, "m.gguf"), "m.gguf", "default")
+    message = one_line_error(ValueError, lambda: BPETokenizer.from_gguf_metadata(meta, "m.gguf"), "m.gguf", "default")
+    assert all(pre in message for pre in ("gpt-2", "smollm", "llama-bpe", "qwen2"))  # the supported ones are named
     meta["tokenizer.ggml.model"] = "llama"  # SentencePiece inside a GGUF
-    one_line_error(ValueError, lambda: BPETokenizer.from_gguf_metadata(meta, "m.gguf"), "m.gguf", "llama")
+    message = one_line_error(ValueError, lambda: BPETokenizer.from_gguf_metadata(meta, "m.gguf"), "m.gguf", "llama")
+    assert "tokenizer.model" in message  # says what to give instead
 
 
 def test_a_llama3_style_checkpoint_with_its_tokenizer_json_as_transformers(tmp_path):
