@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import signal
@@ -42,10 +41,10 @@ from model import Transformer
 from quantize import quantize_int8
 from moelora import (MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_routing_stats, moelora_token_mask)
-from runs import (RUN_JSON, Run, all_reduce_sum, base_fingerprint, catch_stop_signals, check_out_dir, git_commit,
-                  best_val_loss, keep_best, keep_checkpoint, load_checkpoint, plot_curves, prepare_out_dir, read_run_json, read_run_settings,
-                  resume_from_checkpoint, save_checkpoint, setup_distributed, setup_precision, sha256_of,
-                  stop_non_finite, stop_requested)
+from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
+                  check_out_dir, keep_best, keep_checkpoint, load_checkpoint, plot_curves, prepare_out_dir,
+                  resume_from_checkpoint, run_info, save_checkpoint, settings_from_run, setup_distributed,
+                  setup_precision, stop_non_finite, stop_requested)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
 from tokenizer import Tokenizer
 
@@ -175,49 +174,6 @@ def flags_given(p, argv) -> set:
     finally:
         for action, default in defaults.items():
             action.default = default
-
-
-# what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
-RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "r", "lora_alpha", "target_modules", "prompt_format")
-RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "max_seq_len", "val_examples")
-PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
-
-
-def settings_from_run(args, given: set):
-    """--eval_only and --resume open the run in out_dir: its base, --quantize and adapter come from it, and with --resume
-    every setting not given again. A flag given with a value other than the run's is one line naming both, where the
-    run is defined by it; elsewhere (--lr, --max_steps...) the new value wins, and main logs it."""
-    args.changed_from_run, args.run_base = [], None
-    found = read_run_settings(Path(args.out_dir)) if args.eval_only or args.resume else None
-    if found is None:
-        return
-    recorded, source = found
-    fixed = RESUME_IDENTITY if args.resume else RUN_IDENTITY
-    taken = [k for k in recorded if hasattr(args, k) and k not in PER_SESSION] if args.resume else fixed
-    problems = []
-    for key in (k for k in taken if k in recorded):
-        mine, theirs = getattr(args, key), recorded[key]
-        if key in given and not same_setting(key, mine, theirs):
-            if key in fixed:
-                problems.append(f"{show_flag(key, mine)}, but the run in {args.out_dir} has {show_flag(key, theirs)}")
-            else:
-                args.changed_from_run.append(f"{show_flag(key, mine)} (the run had {theirs})")
-            continue
-        setattr(args, key, theirs)
-    if problems:
-        raise SystemExit(f"error: {'; '.join(problems)} ({source}): leave those flags out (they come from the run), or "
-                         "choose another --out_dir")
-    args.run_base = recorded.get("base")
-
-
-def same_setting(key: str, a, b) -> bool:
-    if key in ("model", "train_file") and a is not None and b is not None:
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
-
-
-def show_flag(key: str, value) -> str:
-    return "the built-in tiny base" if key == "model" and value is None else f"--{key} {value}"
 
 
 def check_args(args, base):
@@ -380,42 +336,6 @@ def hold_out(args, run: Run, examples: list) -> tuple:
     run.log(f"--eval_interval {args.eval_interval}: {len(held)} of the {len(examples)} training examples held out of "
             "training, for the validation loss")
     return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
-
-
-def run_info(args, run: Run, fingerprint: dict, train_examples: list, tests: dict) -> dict:
-    """What run.json records: every resolved setting, the base, the data (files and the examples read, hashed), the
-    prompt, the code, and where it ran. A run id ties every result file to it."""
-    files = {flag: getattr(args, flag) for flag in ("train_file", "eval_file") if getattr(args, flag)}
-    return {"run_id": time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("changed_from_run", "run_base")},
-            "base": {"path": args.base, **fingerprint},
-            "data": {"files": {flag: {"path": str(Path(f).resolve()), "sha256": sha256_of(Path(f))} for flag, f in files.items()},
-                     "train_examples": {"n": len(train_examples), "sha256": sha256_of(train_examples)},
-                     "test_sets": {task: {"n": len(ex), "sha256": sha256_of(ex)} for task, ex in tests.items()}},
-            "prompt_sha256": sha256_of(PROMPT_FORMATS[args.prompt_format]),
-            "code": git_commit(), "torch": torch.__version__, "device": run.device, "world_size": run.world_size,
-            "autocast": str(run.amp_dtype).removeprefix("torch.")}
-
-
-def check_against_the_run(args, run: Run, info: dict):
-    """--resume and --eval_only: the prompt (and, for --resume, the training examples) must be the run's, as its
-    run.json recorded them; the run id of the results is the run's."""
-    if args.eval_only:  # of the run graded; none for a bare base
-        info["run_id"] = None
-    recorded = read_run_json(run.out_dir) if args.resume or args.eval_only else None
-    if recorded is None or (args.eval_only and not (run.out_dir / "ckpt.pt").exists()):
-        return
-    info["run_id"] = recorded["run_id"]
-    problems = []
-    if recorded.get("prompt_sha256") != info["prompt_sha256"]:
-        problems.append("the prompt template of data/prompts.py is not the one the run was trained with (code "
-                        f"{(recorded.get('code') or {}).get('commit', 'unknown')})")
-    then, now = recorded["data"]["train_examples"], info["data"]["train_examples"]
-    if args.resume and then["sha256"] != now["sha256"]:
-        problems.append(f"the training examples changed since the run started ({then['n']} then, {now['n']} now; "
-                        "sha256 differs): give the same data")
-    if problems:
-        raise SystemExit(f"error: {'; '.join(problems)} ({run.out_dir / RUN_JSON})")
 
 
 @dataclass
