@@ -30,7 +30,9 @@ this project's (tutorial.md, sections 1 and 4-7). Needs only torch: copy this fi
 
 Also: moelora_routing_stats (expert load, router entropy), moelora_state_dict / load_moelora_state_dict,
 merge_moelora (one expert only). The losses: a supervised contrastive loss between the experts' outputs (off by
-default: tutorial/experiments.md) and Switch Transformer's load balancing, formed once per step for all layers.
+default: tutorial/experiments.md), Switch Transformer's load balancing and ST-MoE's router z-loss (off by default),
+formed once per step for all layers. The gate drawn above is Mixtral's; MoELoRAConfig(gate="switch") takes Switch
+Transformer's instead, the only one that trains a top-1 router.
 """
 import contextlib
 import json
@@ -38,7 +40,7 @@ import math
 import os
 import struct
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,12 +55,17 @@ __all__ = ["MoELoRAConfig", "MoELoRALinear", "inject_moelora", "mark_only_moelor
 # at zero, and a plain cosine's gradient grows like 1/|z|: at B ~ 1e-6 it swamps the language-model gradient. Below
 # the floor the cosine becomes a dot product / f^2, whose gradient shrinks with |z|. tutorial.md, section 6, measures it.
 COSINE_NORM_FLOOR = 0.1
+GATES = ("mixtral", "switch")  # MoELoRAConfig.gate
 
 
 @dataclass
 class MoELoRAConfig:
     num_experts: int = 8  # paper (as reported): 8 experts
     top_k: int = 2  # paper (as reported): top-2 routing
+    # how the k kept experts are weighted. "mixtral": a softmax over the k kept logits (Mixtral, the paper's setting),
+    # so a token's gates sum to 1. "switch": the softmax over all N logits, the k kept probabilities left as they are
+    # (Switch Transformer). Only "switch" trains a top-1 router: a softmax over one kept logit is always 1
+    gate: str = "mixtral"
     r: int = 4  # rank of each expert: 8 experts x rank 4 = the parameters of one rank-32 LoRA
     lora_alpha: float = 8.0  # scaling = alpha / r = 2, the LLM-Adapters convention (alpha = 2r)
     lora_dropout: float = 0.05  # LLM-Adapters default
@@ -69,6 +76,9 @@ class MoELoRAConfig:
     contrastive_temperature: float = 0.1  # the best temperature in the SupCon paper
     contrastive_samples: int = 256  # (token, expert) pairs per layer feeding the loss: cost ~ samples^2
     balance_weight: float = 0.01  # Switch Transformer's value
+    # the router stabilisers of large MoE models, off by default (tutorial.md, section 7):
+    router_z_weight: float = 0.0  # ST-MoE's router z-loss, mean logsumexp(logits)^2: keeps the logits small (ST-MoE: 1e-3)
+    router_jitter: float = 0.0  # Switch's noise on the router input in training: x * U(1 - eps, 1 + eps) (Switch: 0.01)
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -77,6 +87,11 @@ class MoELoRAConfig:
         checks = [  # each message starts with the field's name, which train.py turns into its flag
             (self.num_experts >= 1, f"num_experts {self.num_experts} must be >= 1"),
             (1 <= self.top_k <= self.num_experts, f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}"),
+            (self.gate in GATES, f"gate {self.gate!r} must be one of {', '.join(map(repr, GATES))}"),
+            (not (self.top_k == 1 and self.num_experts > 1 and self.gate == "mixtral"),
+             "top_k 1 with gate 'mixtral' would train no router: a softmax over the one kept logit is always 1, so the "
+             "task sends the router no gradient; use gate 'switch' (the chosen expert's probability among all N, as "
+             "Switch Transformer), or top_k 2"),
             (self.r >= 1, f"r {self.r} must be >= 1"),
             (self.lora_alpha > 0, f"lora_alpha {self.lora_alpha} must be > 0"),
             (0 <= self.lora_dropout < 1, f"lora_dropout {self.lora_dropout} must be in [0, 1)"),
@@ -85,6 +100,8 @@ class MoELoRAConfig:
             (self.contrastive_temperature > 0, f"contrastive_temperature {self.contrastive_temperature} must be > 0"),
             (self.contrastive_samples >= 2, f"contrastive_samples {self.contrastive_samples} must be >= 2"),
             (self.balance_weight >= 0, f"balance_weight {self.balance_weight} must be >= 0"),
+            (self.router_z_weight >= 0, f"router_z_weight {self.router_z_weight} must be >= 0"),
+            (0 <= self.router_jitter < 1, f"router_jitter {self.router_jitter} must be in [0, 1)"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
@@ -121,6 +138,14 @@ def balance_loss(logits, top_idx, num_experts: int, real=None):
     f = expert_share(top_idx, num_experts, real)  # [..., N], no gradient
     P = token_mean(probs, real)  # [..., N], the differentiable half
     return num_experts * (f * P).sum(dim=-1)
+
+
+def router_z_loss(logits, real=None):
+    """ST-MoE's router z-loss: the mean over tokens of logsumexp(logits)^2. logits [..., M, N], real [M] or [..., M]
+    (optional) True for the tokens that count. Returns [...]. Softmax ignores a shift of all logits, so without it
+    they can drift to large values, where float rounding in the softmax and the gates gets coarse."""
+    lse = logits.float().logsumexp(dim=-1, keepdim=True)  # [..., M, 1]
+    return token_mean(lse.square(), real).squeeze(-1)
 
 
 def contrastive_loss(dots, labels, temperature: float, norm_floor: float, real=None):
@@ -197,7 +222,7 @@ class SampledPairs:
 
 class LossInputs(NamedTuple):
     """What one adapted layer's training forward keeps for moelora_aux_losses."""
-    logits: torch.Tensor  # [M, N] router scores, with gradient: the balance loss
+    logits: torch.Tensor  # [M, N] router scores, with gradient: the balance loss and the z-loss
     top_idx: torch.Tensor  # [M, k] selected experts
     real: Optional[torch.Tensor]  # [M] bool, True for real tokens; None = all
     codes: Optional[torch.Tensor]  # [S, N*r] every expert's code of the sampled pairs' tokens, with gradient
@@ -258,10 +283,17 @@ class MoELoRALinear(nn.Module):
         self.has_run = False  # set by the first forward: moelora_aux_losses warns about layers a model bypasses
 
     def route(self, x):
-        """x [M, in] -> gates [M, N] (k non-zero per row, summing to 1), top_idx [M, k], logits [M, N]."""
+        """x [M, in] -> gates [M, N] (k non-zero per row), top_idx [M, k], logits [M, N]. A token's gates sum to 1
+        with the "mixtral" gate, to its k experts' share of the softmax over all N with "switch"."""
+        cfg = self.config
+        if self.training and cfg.router_jitter > 0:  # the router's input only: the experts see x as it is
+            x = x * torch.empty_like(x).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
         logits = self.router(x)  # [M, N]
-        top_logits, top_idx = logits.topk(self.config.top_k, dim=-1)  # [M, k]
-        top_gates = top_logits.float().softmax(dim=-1)  # [M, k]
+        if cfg.gate == "switch":  # softmax over all N, then the k largest: the router learns even at k = 1
+            top_gates, top_idx = logits.float().softmax(dim=-1).topk(cfg.top_k, dim=-1)  # [M, k]
+        else:  # "mixtral": the k largest logits, then a softmax over those k
+            top_logits, top_idx = logits.topk(cfg.top_k, dim=-1)  # [M, k]
+            top_gates = top_logits.float().softmax(dim=-1)
         gates = torch.zeros(logits.shape, dtype=top_gates.dtype, device=x.device).scatter(-1, top_idx, top_gates)
         return gates, top_idx, logits
 
@@ -307,7 +339,7 @@ class MoELoRALinear(nn.Module):
         h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
         delta = F.linear(h_gated, self.experts_B())  # [M, out]
         self.last_logits, self.last_top_idx, self.last_real = logits.detach(), top_idx, real
-        if self.training and (cfg.balance_weight > 0 or cfg.contrastive_weight > 0):
+        if self.training and (cfg.balance_weight > 0 or cfg.router_z_weight > 0 or cfg.contrastive_weight > 0):
             # The losses themselves are formed by moelora_aux_losses for all layers at once; a layer keeps only its
             # inputs: a few small kernels here instead of a hundred (benchmarks/bench_ops.py counts them)
             codes = labels = codes_real = None
@@ -473,7 +505,9 @@ def load_moelora_state_dict(model, state_dict):
     if saved is None:
         raise ValueError("state dict has no 'moelora_config' entry: it was not written by moelora_state_dict")
     ours = asdict(moelora_config(model))
-    saved = dict(saved, target_modules=tuple(saved.get("target_modules", ())))
+    # a field the saving version did not have yet (gate, router_z_weight...) had its default's behaviour then
+    defaults = {f.name: f.default for f in fields(MoELoRAConfig)}
+    saved = {**defaults, **saved, "target_modules": tuple(saved.get("target_modules", ()))}
     diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
     if diff:
         raise ValueError(f"MoELoRA config mismatch (field: (saved, model)): {diff}; inject with "
@@ -580,8 +614,8 @@ def moelora_token_mask(model, mask):
 
 
 def moelora_aux_losses(model):
-    """{"contrastive", "balance"}: the last forward's auxiliary losses, already multiplied by their weights,
-    averaged over the adapted layers. Zero tensors in eval mode or with a weight of 0 (nothing computed).
+    """{"contrastive", "balance", "router_z"}: the last forward's auxiliary losses, already multiplied by their
+    weights, averaged over the adapted layers. Zero tensors in eval mode or with a weight of 0 (nothing computed).
     Call it after every forward (e.g. inside a gradient-accumulation loop): the next forward replaces its inputs.
 
     Each layer's forward kept only its inputs (LossInputs); here the layers that can be stacked (the same shapes
@@ -590,26 +624,31 @@ def moelora_aux_losses(model):
     layers = [layer for _, layer in named]
     zero = layers[0].lora_A.new_zeros(()) if layers else torch.zeros(())
     check_aux_losses_can_train(named)
-    groups = {}  # (loss, weight, what must match to stack) -> [layers]
+    groups = {}  # (kind, what must match to stack) -> [layers]; kind "router": the balance and z-losses
     for layer in layers:
         inputs, cfg = layer.loss_inputs, layer.config
         layer.pairs.drawn = None  # the next forward draws new contrastive pairs
         if inputs is None:
             continue
-        if cfg.balance_weight > 0:
-            key = ("balance", cfg.balance_weight, cfg.num_experts, inputs.logits.shape, inputs.top_idx.shape)
+        if cfg.balance_weight > 0 or cfg.router_z_weight > 0:
+            key = ("router", cfg.balance_weight, cfg.router_z_weight, cfg.num_experts, inputs.logits.shape,
+                   inputs.top_idx.shape)
             groups.setdefault(key, []).append(layer)
         if inputs.codes is not None:
             key = ("contrastive", cfg.contrastive_weight, cfg.contrastive_temperature, cfg.num_experts,
                    inputs.codes.shape)
             groups.setdefault(key, []).append(layer)
-    losses = {"contrastive": [], "balance": []}
-    for (kind, weight, *_), group in groups.items():
+    losses = {"contrastive": [], "balance": [], "router_z": []}
+    for (kind, *_), group in groups.items():
         cfg = group[0].config
-        if kind == "balance":
+        if kind == "router":  # the routers' logits stacked once for both losses: [L, M, N]
             inputs = [layer.loss_inputs for layer in group]
-            loss = balance_loss(torch.stack([i.logits for i in inputs]), torch.stack([i.top_idx for i in inputs]),
-                                cfg.num_experts, stacked_masks([i.real for i in inputs]))
+            logits, real = torch.stack([i.logits for i in inputs]), stacked_masks([i.real for i in inputs])
+            if cfg.balance_weight > 0:
+                top_idx = torch.stack([i.top_idx for i in inputs])  # [L, M, k]
+                losses["balance"].append(cfg.balance_weight * balance_loss(logits, top_idx, cfg.num_experts, real))
+            if cfg.router_z_weight > 0:
+                losses["router_z"].append(cfg.router_z_weight * router_z_loss(logits, real))
         else:
             # the Gram matrices [N*r, N*r] do not depend on the width: stack the B of each width, then every layer's
             # codes together (in the same order: sorted by width)
@@ -623,7 +662,7 @@ def moelora_aux_losses(model):
             dots = contrastive_dots(torch.stack([i.codes for i in inputs]), labels, gram, cfg.num_experts)  # [L, S, S]
             loss = contrastive_loss(dots, labels, cfg.contrastive_temperature, COSINE_NORM_FLOOR,
                                     stacked_masks([i.codes_real for i in inputs]))
-        losses[kind].append(weight * loss)  # [L]: one weighted loss per layer
+            losses["contrastive"].append(cfg.contrastive_weight * loss)  # [L]: one weighted loss per layer
     return {kind: torch.cat(values).mean() if values else zero for kind, values in losses.items()}
 
 

@@ -241,7 +241,7 @@ def read_run_settings(out_dir: Path):
 # --- run.json: what a run is, and opening it again (--eval_only, --resume)
 
 # what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
-RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "r", "lora_alpha", "target_modules", "prompt_format")
+RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules", "prompt_format")
 RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "max_seq_len", "val_examples")
 PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
 
@@ -434,7 +434,7 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-ADAPTER_FLAGS = ("num_experts", "top_k", "r", "lora_alpha", "target_modules")  # what the checkpoint's shapes depend on
+ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
 
 
 def load_checkpoint(path: Path, model, args, fingerprint):

@@ -39,7 +39,7 @@ from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_d
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
 from quantize import quantize_int8
-from moelora import (MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
+from moelora import (GATES, MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_routing_stats, moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
                   check_out_dir, keep_best, keep_checkpoint, load_checkpoint, plot_curves, prepare_out_dir,
@@ -93,6 +93,8 @@ def parse_args(argv=None):
     a("--method", default="moelora", choices=["moelora", "lora", "full"], help="what to train (default %(default)s)")
     a("--num_experts", type=int, default=adapter.num_experts, help="MoELoRA experts (default %(default)s)")
     a("--top_k", type=int, default=adapter.top_k, help="experts per token (default %(default)s)")
+    a("--gate", default=adapter.gate, choices=list(GATES), help="mixtral: softmax over the k kept logits; switch: their "
+      "probabilities among all N, which also trains a top-1 router (default %(default)s)")
     a("--r", type=int, default=None, help=f"rank of each expert (default {adapter.r}); of the LoRA for --method lora "
       f"(default {adapter.num_experts * adapter.r}: the parameters of {adapter.num_experts} experts)")
     a("--lora_alpha", type=float, default=None, help="scaling = lora_alpha / r (default 2r, LLM-Adapters' convention)")
@@ -104,6 +106,10 @@ def parse_args(argv=None):
     a("--contrastive_warmup", type=int, default=0, help="steps over which the contrastive weight rises linearly from 0 "
       "to --contrastive_weight (default 0: full weight from the first step)")
     a("--balance_weight", type=float, default=adapter.balance_weight, help="weight of the load-balancing loss (default %(default)s)")
+    a("--router_z_weight", type=float, default=adapter.router_z_weight, help="weight of ST-MoE's router z-loss, which keeps "
+      "the router's logits small; ST-MoE used 1e-3 (default %(default)s: off)")
+    a("--router_jitter", type=float, default=adapter.router_jitter, help="multiplicative noise U(1-eps, 1+eps) on the "
+      "router's input in training; Switch used 0.01 (default %(default)s: off)")
     a("--lr", type=float, default=None, help="peak learning rate " + preset_default("lr"))
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s)")
     a("--warmup_steps", type=int, default=None, help="linear warm-up, then cosine decay to lr/10 " + preset_default("warmup_steps"))
@@ -227,11 +233,12 @@ def target_problems(args, base) -> list:
 def moelora_config_from(args) -> MoELoRAConfig:
     lora = args.method == "lora"  # plain LoRA is MoELoRA with one expert: the gate is then always 1
     return MoELoRAConfig(
-        num_experts=1 if lora else args.num_experts, top_k=1 if lora else args.top_k, r=args.r,
+        num_experts=1 if lora else args.num_experts, top_k=1 if lora else args.top_k, gate=args.gate, r=args.r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
         contrastive_weight=args.contrastive_weight, contrastive_temperature=args.contrastive_temperature,
-        contrastive_samples=args.contrastive_samples, balance_weight=args.balance_weight)
+        contrastive_samples=args.contrastive_samples, balance_weight=args.balance_weight,
+        router_z_weight=args.router_z_weight, router_jitter=args.router_jitter)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -560,7 +567,7 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
     # and processes: weight each micro-batch's mean loss by its share of the targets
     n_targets = [sum(sum(l != IGNORE_INDEX for l in pairs[i][1]) for i in mb) for mb in micro_batches]
     global_targets = all_reduce_sum(sum(n_targets), run)
-    sums = {k: torch.zeros((), device=run.device) for k in ("lm", "contrastive", "balance")}
+    sums = {k: torch.zeros((), device=run.device) for k in ("lm", "contrastive", "balance", "router_z")}
     positions = 0
     for j, mb in enumerate(micro_batches):
         x, y, real = collate([pairs[i] for i in mb], pad_id, run.device)  # [B, T] each
@@ -614,8 +621,8 @@ def collate(pairs, pad_id: int, device):
 def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, saved_step):
     """Unscale, clip and step, unless the loss or the gradient is not finite: then stop, keeping the last good checkpoint."""
     if not all(map(math.isfinite, losses.values())):  # before the optimizer step: the weights are still finite
-        stop_non_finite(run, f"the loss is not finite (lm {losses['lm']}, contrastive {losses['contrastive']}, "
-                        f"balance {losses['balance']})", step, saved_step)
+        stop_non_finite(run, "the loss is not finite (" + ", ".join(f"{k} {v}" for k, v in losses.items()) + ")",
+                        step, saved_step)
     run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
@@ -628,7 +635,7 @@ def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, s
 def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, tokens_per_s: float, source_losses) -> str:
     """Append the step's record to metrics.jsonl and return its log line."""
     record = {"step": step, "lr": lr, "loss": losses["lm"], "contrastive": losses["contrastive"],
-              "balance": losses["balance"], "tokens_per_s": tokens_per_s}
+              "balance": losses["balance"], "router_z": losses["router_z"], "tokens_per_s": tokens_per_s}
     if source_losses:
         record["loss_per_source"] = source_losses
     line = f"step {step}: loss {losses['lm']:.4f} lr {lr:.2e} {tokens_per_s:.0f} tok/s"
@@ -637,7 +644,8 @@ def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, toke
         record["routing"] = stats
         load = np.array([s["expert_share"] for s in stats.values()])  # [layers, experts]
         entropy = np.mean([s["router_entropy"] for s in stats.values()])
-        line += (f" | contrastive {losses['contrastive']:.4f} balance {losses['balance']:.4f} | expert load "
+        z = f" router z {losses['router_z']:.4f}" if args.router_z_weight > 0 else ""
+        line += (f" | contrastive {losses['contrastive']:.4f} balance {losses['balance']:.4f}{z} | expert load "
                  f"max {load.max(1).mean():.2f} min {load.min(1).mean():.2f} router entropy {entropy:.2f}")
     run.log_jsonl(record)
     return line

@@ -16,6 +16,8 @@ padding):
   moelora-noaux   8 experts of rank 4, top-2, no auxiliary loss: the router and the gates
   moelora-cl0     the same with the balance loss (the default since the contrastive-loss trial)
   moelora         the same with the contrastive loss too (weight 0.1)
+  moelora-switch  moelora-cl0 with Switch's gate (softmax over all N, the k kept not renormalised)
+  moelora-stab    moelora-cl0 with the router stabilisers: z-loss 1e-3 and jitter 0.01
 Differences between them, divided by the number of adapted layers, split the cost per layer into router and
 gates, balance and contrastive. Two depths tell what grows with the layers from what is paid once a step:
 per layer = (ops at the deep model - ops at the shallow one) / (adapted layers added).
@@ -38,6 +40,8 @@ CONTENDERS = {
     "moelora-noaux": dict(contrastive_weight=0.0, balance_weight=0.0),
     "moelora-cl0": dict(contrastive_weight=0.0, balance_weight=0.01),
     "moelora": dict(contrastive_weight=0.1, balance_weight=0.01),
+    "moelora-switch": dict(contrastive_weight=0.0, balance_weight=0.01, gate="switch"),
+    "moelora-stab": dict(contrastive_weight=0.0, balance_weight=0.01, router_z_weight=1e-3, router_jitter=0.01),
 }
 
 
@@ -106,10 +110,11 @@ def main(argv=None):
           "(what the targets count), and that difference split into what grows with the layers and what a step pays "
           "once:\n")
     parts = [("router and gates", "moelora-noaux", "lora"), ("balance loss", "moelora-cl0", "moelora-noaux"),
-             ("contrastive loss", "moelora", "moelora-cl0")]
+             ("contrastive loss", "moelora", "moelora-cl0"), ("Switch's gate", "moelora-switch", "moelora-cl0"),
+             ("z-loss and jitter", "moelora-stab", "moelora-cl0")]
     print(f"| part | ops per adapted layer at {hi} layers | of which per layer | and per step | target |")
     print("| --- | ---: | ---: | ---: | --- |")
-    targets = {"router and gates": "<= 40", "contrastive loss": "<= 20", "balance loss": ""}
+    targets = {"router and gates": "<= 40", "contrastive loss": "<= 20", "balance loss": "", "Switch's gate": "0", "z-loss and jitter": "<= 5"}
     for name, a, b in parts:
         per_layer = slope[a] - slope[b]
         per_step = total[(a, hi)] - total[(b, hi)] - per_layer * adapted[hi]

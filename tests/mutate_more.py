@@ -18,7 +18,7 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
      "sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2) * temperature)", "sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))"),
     ("balance loss without its factor N", "return num_experts * (f * P).sum(dim=-1)", "return (f * P).sum(dim=-1)"),  # 8
     ("padding counted in the balance loss",  # 10
-     "cfg.num_experts, stacked_masks([i.real for i in inputs]))", "cfg.num_experts, None)"),
+     "balance_loss(logits, top_idx, cfg.num_experts, real)", "balance_loss(logits, top_idx, cfg.num_experts, None)"),
     ("aux losses summed over layers instead of averaged", "torch.cat(values).mean() if values", "torch.cat(values).sum() if values"),
     ("checkpoint rerun keeps its loss inputs",  # 14
      "if not rerun:\n                self.loss_inputs = LossInputs(", "if True:\n                self.loss_inputs = LossInputs("),
@@ -31,6 +31,17 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
     ("padding's sampled pairs counted in the contrastive loss", "stacked_masks([i.codes_real for i in inputs]))", "None)"),
     ("the router frozen by mark_only_moelora_as_trainable",  # 13, whose text adapter_parameters rewrote
      '("lora_A", "lora_B", "router")', '("lora_A", "lora_B")'),
+    ("Switch's gate renormalised over the k kept experts",
+     "top_gates, top_idx = logits.float().softmax(dim=-1).topk(cfg.top_k, dim=-1)",
+     "top_gates, top_idx = logits.float().softmax(dim=-1).topk(cfg.top_k, dim=-1); top_gates = top_gates / top_gates.sum(-1, keepdim=True)"),
+    ("top-1 with Mixtral's gate accepted", 'not (self.top_k == 1 and self.num_experts > 1 and self.gate == "mixtral")', "True"),
+    ("router jitter in eval mode too", "if self.training and cfg.router_jitter > 0:", "if cfg.router_jitter > 0:"),
+    ("router jitter twice as wide", "uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)",
+     "uniform_(1.0 - 2 * cfg.router_jitter, 1.0 + 2 * cfg.router_jitter)"),
+    ("router z-loss without its square", "token_mean(lse.square(), real)", "token_mean(lse.abs(), real)"),
+    ("padding counted in the router z-loss", "router_z_loss(logits, real))", "router_z_loss(logits, None))"),
+    ("router z-loss weight ignored", "cfg.router_z_weight * router_z_loss(", "router_z_loss("),
+    ("an older adapter file's missing fields not defaulted", "saved = {**defaults, **saved,", "saved = {**saved,"),
     ("a quantised base's output replaced by zeros",
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)",
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else x.new_zeros(*x.shape[:-1], self.out_features)"),

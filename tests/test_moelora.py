@@ -59,11 +59,15 @@ def test_config_defaults_and_validation():
     for bad, word in [({"top_k": 9}, "top_k"), ({"num_experts": 0}, "num_experts"), ({"r": 0}, "r 0 must"),
                       ({"lora_dropout": 1.0}, "lora_dropout"), ({"contrastive_temperature": 0}, "temperature"),
                       ({"contrastive_samples": 1}, "contrastive_samples"), ({"target_modules": ()}, "empty"),
-                      ({"balance_weight": -1}, "balance_weight")]:
+                      ({"balance_weight": -1}, "balance_weight"), ({"gate": "softmax"}, "gate 'softmax' must be one of"),
+                      ({"router_z_weight": -1e-3}, "router_z_weight"), ({"router_jitter": 1.0}, "router_jitter"),
+                      ({"top_k": 1}, "top_k 1 with gate 'mixtral' would train no router.*use gate 'switch'")]:
         with pytest.raises(ValueError, match=word):
             MoELoRAConfig(**bad)
     with pytest.raises(TypeError, match="list of names"):
         MoELoRAConfig(target_modules="wq")
+    MoELoRAConfig(top_k=1, gate="switch")  # a top-1 router that learns
+    MoELoRAConfig(num_experts=1, top_k=1)  # plain LoRA: no router, either gate
 
 
 def test_fresh_injection_is_identity_and_only_adapters_train():
@@ -135,6 +139,98 @@ def test_gates_top_k_sum_to_one_and_router_learns():
     layer.eval()  # no auxiliary losses: the router's gradient must come through the gates alone
     layer(x).pow(2).sum().backward()
     assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_switch_gate_trains_the_router_from_the_task_at_any_k(top_k):
+    layer = MoELoRALinear(nn.Linear(16, 8), small_config(num_experts=6, top_k=top_k, gate="switch", balance_weight=0.0))
+    randomize_B(layer)
+    x = torch.randn(50, 16)
+    gates, top_idx, logits = layer.route(x)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(gates.gather(-1, top_idx), probs.topk(top_k, -1).values)  # kept as they are
+    assert (gates.sum(-1) < 1).all() and ((gates > 0).sum(-1) == top_k).all()
+    layer.eval()  # no auxiliary loss: the task alone
+    layer(x).pow(2).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 1e-3
+
+
+def test_mixtral_gate_at_top_1_sends_the_router_nothing_which_is_why_it_is_refused():
+    # what the config's error prevents, shown by going around it: a softmax over one kept logit is the constant 1
+    layer = MoELoRALinear(nn.Linear(16, 8), small_config(num_experts=6, top_k=2, balance_weight=0.0)).eval()
+    layer.config.top_k = 1  # past __post_init__'s check
+    randomize_B(layer)
+    layer(torch.randn(50, 16)).pow(2).sum().backward()
+    assert torch.equal(layer.router.weight.grad, torch.zeros_like(layer.router.weight))
+
+
+def test_the_two_gates_agree_once_switch_s_is_renormalised():
+    torch.manual_seed(0)
+    mixtral = MoELoRALinear(nn.Linear(16, 8), small_config(num_experts=6, top_k=3))
+    switch = copy.deepcopy(mixtral)
+    switch.config = small_config(num_experts=6, top_k=3, gate="switch")
+    x = torch.randn(40, 16)
+    g_mix, idx_mix, _ = mixtral.route(x)
+    g_sw, idx_sw, _ = switch.route(x)
+    assert torch.equal(idx_mix, idx_sw)  # the same experts: softmax keeps the order of the logits
+    torch.testing.assert_close(g_sw / g_sw.sum(-1, keepdim=True), g_mix)
+
+
+@pytest.mark.parametrize("gate,top_k", [("mixtral", 2), ("switch", 1), ("switch", 2)])
+def test_layer_output_equals_a_loop_over_tokens_and_experts(gate, top_k):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = MoELoRALinear(copy.deepcopy(base), small_config(num_experts=5, top_k=top_k, r=3, gate=gate)).eval()
+    randomize_B(layer)
+    x = torch.randn(2, 6, 12)
+    expected = []
+    for token in x.reshape(-1, 12):
+        logits = layer.router.weight @ token  # [N]
+        if gate == "switch":
+            gates, chosen = logits.softmax(0).topk(top_k)
+        else:
+            top, chosen = logits.topk(top_k)
+            gates = top.softmax(0)
+        y = base(token)
+        for g, e in zip(gates, chosen):
+            y = y + g * layer.scaling * layer.lora_B[e] @ (layer.lora_A[e] @ token)
+        expected.append(y)
+    torch.testing.assert_close(layer(x), torch.stack(expected).view(2, 6, 10))
+
+
+def test_router_jitter_scales_the_router_input_in_training_only():
+    eps = 0.2
+    layer = MoELoRALinear(nn.Linear(16, 8), small_config(num_experts=4, router_jitter=eps, contrastive_weight=0.0))
+    randomize_B(layer)
+    x = torch.randn(30, 16)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    noise = torch.empty_like(x).uniform_(1 - eps, 1 + eps)  # the draw the layer made
+    assert noise.min() >= 1 - eps and noise.max() <= 1 + eps and noise.std() > eps / 4
+    torch.testing.assert_close(layer.last_logits, layer.router(x * noise))
+    assert not torch.allclose(layer.last_logits, layer.router(x))
+    # the experts see x itself, gated by the jittered routing
+    logits = layer.router(x * noise)
+    top, idx = logits.topk(2, -1)
+    gates = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))  # [M, N]
+    codes = torch.einsum("nri,mi->mnr", layer.lora_A, x) * gates[..., None]  # [M, N, r] each expert's gated A_i x
+    expected = F.linear(x, layer.weight, layer.bias) + layer.scaling * torch.einsum("nor,mnr->mo", layer.lora_B, codes)
+    torch.testing.assert_close(y, expected)
+    layer.eval()(x)
+    torch.testing.assert_close(layer.last_logits, layer.router(x))  # eval: no noise
+
+
+def test_router_z_loss_by_hand_with_padding():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [5.0, 5.0, 5.0]])
+    real = torch.tensor([True, True, False])
+    by_hand = [math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()]
+    torch.testing.assert_close(moelora.router_z_loss(logits), torch.tensor(sum(by_hand) / 3))
+    torch.testing.assert_close(moelora.router_z_loss(logits, real), torch.tensor(sum(by_hand[:2]) / 2))
+    # batched over layers with one mask per layer
+    stacked = torch.stack([logits, 2 * logits])
+    want = torch.stack([moelora.router_z_loss(logits, real), moelora.router_z_loss(2 * logits, real)])
+    torch.testing.assert_close(moelora.router_z_loss(stacked, real), want)
 
 
 def test_contrastive_loss_finite_with_gradients_into_A_and_B():
@@ -240,6 +336,7 @@ def test_aux_losses_weighted_averaged_and_skipped_when_off():
     layers = [layer for _, layer in moelora.moelora_layers(model)]
     aux = moelora_aux_losses(model)  # every layer's losses in one batched computation
     per_layer = [moelora_aux_losses(layer) for layer in layers]  # one layer at a time: the same losses
+    assert set(aux) == {"balance", "contrastive", "router_z"} and aux["router_z"] == 0  # off by default
     for key in ("balance", "contrastive"):
         torch.testing.assert_close(aux[key], torch.stack([a[key] for a in per_layer]).mean())
     model.eval()
@@ -252,14 +349,15 @@ def test_aux_losses_weighted_averaged_and_skipped_when_off():
 
 
 def per_layer_losses_written_out(layer, tau, floor=moelora.COSINE_NORM_FLOOR):
-    """One layer's balance and contrastive losses (unweighted) from what its forward kept, written out the long
-    way: z = B_e A_e x for each sampled pair, cosines by hand, sums over experts and anchors as loops."""
+    """One layer's balance, contrastive and router z-losses (unweighted) from what its forward kept, written out the
+    long way: z = B_e A_e x for each sampled pair, cosines by hand, sums over experts and anchors as loops."""
     inputs, N, r = layer.loss_inputs, layer.config.num_experts, layer.config.r
     M = inputs.logits.shape[0]
     real = torch.ones(M, dtype=torch.bool) if inputs.real is None else inputs.real
     probs = inputs.logits.float().softmax(-1)[real]  # [m, N]
     chosen = inputs.top_idx[real]  # [m, k]
     balance = N * sum((chosen == i).float().sum() / chosen.numel() * probs[:, i].mean() for i in range(N))
+    router_z = torch.stack([row.exp().sum().log() ** 2 for row in inputs.logits[real]]).mean()
     z = torch.stack([layer.lora_B[e] @ codes.view(N, r)[e] for codes, e in zip(inputs.codes, inputs.labels)])  # [S, out]
     keep = torch.ones(len(z), dtype=torch.bool) if inputs.codes_real is None else inputs.codes_real
     norm = z.norm(dim=1).clamp(min=floor)
@@ -271,7 +369,7 @@ def per_layer_losses_written_out(layer, tau, floor=moelora.COSINE_NORM_FLOOR):
             continue
         lse = torch.logsumexp(torch.stack([sim[a, n] for n in range(len(z)) if n != a and keep[n]]), 0)
         per_anchor.append(torch.stack([lse - sim[a, p] for p in positives]).mean())
-    return balance, torch.stack(per_anchor).mean()
+    return balance, torch.stack(per_anchor).mean(), router_z
 
 
 def test_batched_aux_losses_equal_the_per_layer_losses_with_their_gradients():
@@ -282,7 +380,8 @@ def test_batched_aux_losses_equal_the_per_layer_losses_with_their_gradients():
     args = model_py.ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
     torch.manual_seed(0)
     model = model_py.Transformer(args)
-    cfg = small_config(contrastive_samples=24, contrastive_weight=0.3, balance_weight=0.2, contrastive_temperature=0.5)
+    cfg = small_config(contrastive_samples=24, contrastive_weight=0.3, balance_weight=0.2, contrastive_temperature=0.5,
+                       router_z_weight=0.05)
     mark_only_moelora_as_trainable(inject_moelora(model, cfg))
     randomize_B(model)
     layers = [layer for _, layer in moelora.moelora_layers(model)]
@@ -293,10 +392,11 @@ def test_batched_aux_losses_equal_the_per_layer_losses_with_their_gradients():
         model(tokens)
     aux = moelora_aux_losses(model)
     by_hand = [per_layer_losses_written_out(layer, tau=0.5) for layer in layers]
-    expected = {"balance": 0.2 * torch.stack([b for b, _ in by_hand]).mean(),
-                "contrastive": 0.3 * torch.stack([c for _, c in by_hand]).mean()}
+    expected = {"balance": 0.2 * torch.stack([b for b, _, _ in by_hand]).mean(),
+                "contrastive": 0.3 * torch.stack([c for _, c, _ in by_hand]).mean(),
+                "router_z": 0.05 * torch.stack([z for _, _, z in by_hand]).mean()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for key in ("balance", "contrastive"):
+    for key in ("balance", "contrastive", "router_z"):
         torch.testing.assert_close(aux[key], expected[key])
         got = torch.autograd.grad(aux[key], trainable, retain_graph=True, allow_unused=True)
         want = torch.autograd.grad(expected[key], trainable, retain_graph=True, allow_unused=True)
@@ -389,6 +489,10 @@ def test_save_load_roundtrip_and_strict_errors():
     fails({**sd, "layers.0.wq.lora_A": sd["layers.0.wq.lora_A"][:, :1]}, ValueError, r"layers.0.wq.lora_A: saved \(4, 1, 16\)")
     fails({**sd, "moelora_config": {**sd["moelora_config"], "r": 8}}, ValueError, r"config mismatch.*'r': \(8, 2\)")
     fails({k: v for k, v in sd.items() if k != "moelora_config"}, ValueError, "no 'moelora_config'")
+    fails({**sd, "moelora_config": {**sd["moelora_config"], "gate": "switch"}}, ValueError, r"'gate': \('switch', 'mixtral'\)")
+    # a file from before the gate and the router stabilisers existed: those fields had their defaults' behaviour
+    older = {k: v for k, v in sd["moelora_config"].items() if k not in ("gate", "router_z_weight", "router_jitter")}
+    load_moelora_state_dict(inject_moelora(copy.deepcopy(base), cfg), {**sd, "moelora_config": older})
 
 
 def test_autocast_bf16_and_bf16_base_keep_fp32_adapters():
@@ -630,8 +734,8 @@ def test_token_mask_in_our_llama_padding_gets_no_gradient_and_outputs_do_not_cha
     assert grad_plain[~mask].abs().max() > 0
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_token_mask_survives_activation_checkpointing_with_backward_after_the_with(dropout):
+@pytest.mark.parametrize("dropout,jitter", [(0.0, 0.0), (0.1, 0.0), (0.1, 0.1)])
+def test_token_mask_survives_activation_checkpointing_with_backward_after_the_with(dropout, jitter):
     # checkpointing reruns each block's forward during backward, after the with has ended; the rerun must see the
     # same mask, or autograd would get other saved tensors (an error at best, wrong gradients at worst). With
     # dropout, the rerun must also use up the same random numbers: the layer that drew the contrastive pairs in
@@ -644,7 +748,8 @@ def test_token_mask_survives_activation_checkpointing_with_backward_after_the_wi
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = model_py.Transformer(args)
-        config = small_config(contrastive_samples=16, lora_dropout=dropout)  # sampled pairs
+        # sampled pairs; with jitter the rerun must also draw the routers' noise as the forward did
+        config = small_config(contrastive_samples=16, lora_dropout=dropout, router_jitter=jitter)
         mark_only_moelora_as_trainable(inject_moelora(model, config))
         randomize_B(model)
         model.grad_checkpointing = checkpointing

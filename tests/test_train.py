@@ -246,6 +246,18 @@ def test_contrastive_warmup_scales_the_contrastive_loss(tmp_path):
     assert train.contrastive_ramp(train.parse_args([]), 0) == 1
 
 
+def test_switch_gate_at_top_1_with_the_router_stabilisers(tmp_path, capsys):
+    out = tmp_path / "switch"
+    train.main(small_run(out, "--gate", "switch", "--top_k", "1", "--router_z_weight", "1e-3", "--router_jitter",
+                         "0.01", "--max_steps", "2", "--eval_limit", "1", "--max_new_tokens", "1"))
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["router_z"] > 0 and r["balance"] > 0 for r in log) and " router z " in capsys.readouterr().out
+    config = MoELoRAConfig(**torch.load(out / "ckpt.pt", weights_only=True)["weights"]["moelora_config"])
+    assert (config.gate, config.top_k, config.router_z_weight, config.router_jitter) == ("switch", 1, 1e-3, 0.01)
+    with pytest.raises(SystemExit, match="--gate mixtral, but the run in .* has --gate switch"):
+        train.main(small_run(out, "--eval_only", "--gate", "mixtral", "--top_k", "2"))
+
+
 def test_method_lora_and_full_train(tmp_path):
     train.main(small_run(tmp_path / "lora", "--method", "lora", "--r", "8", "--max_steps", "2", "--eval_limit", "1"))
     w = adapter_weights(tmp_path / "lora" / "ckpt.pt")
@@ -391,6 +403,9 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     (["--target_modules", "q_proj"], "Hugging Face's are q_proj -> wq, k_proj -> wk, v_proj -> wv"),
     (["--eval_kind", "number"], "--eval_kind number grades an --eval_file"),
     (["--quantize", "int8", "--method", "full"], "--quantize int8 freezes the base: it trains adapters"),
+    (["--top_k", "1"], "--top_k 1 with --gate 'mixtral' would train no router"),
+    (["--router_jitter", "1"], "--router_jitter 1.0 must be in [0, 1)"),
+    (["--router_z_weight", "-1"], "--router_z_weight -1.0 must be >= 0"),
 ])
 def test_bad_flags_are_one_line_errors_before_any_work(flags, message):
     with pytest.raises(SystemExit, match=f"^error: .*{re.escape(message)}"):
