@@ -1,9 +1,9 @@
 """tutorial/controlled.py: the metrics, the closed-form floors, and what must hold in its quick run by construction."""
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ROOT
 
@@ -88,6 +88,18 @@ def test_training_is_deterministic_for_a_seed():
     assert all(torch.equal(x, y) for x, y in zip(a["hist"]["top1"], b["hist"]["top1"]))
 
 
+def test_setup_router_knobs_reach_the_layer():
+    s = controlled.Setup(d=16, experts=4, r=2, top_k=1, gate="switch", router_z_weight=1e-3, router_jitter=0.01)
+    task = controlled.make_task(s, 0)
+    cfg = controlled.build(task, s, "moelora_cl0", seed=0).proj.config
+    assert (cfg.top_k, cfg.gate, cfg.router_z_weight, cfg.router_jitter) == (1, "switch", 1e-3, 0.01)
+    with pytest.raises(ValueError, match="top_k 1 with gate 'mixtral'"):  # top-1 would train no router
+        controlled.build(task, replace(s, gate="mixtral"), "moelora_cl0", seed=0)
+    # LoRA is one expert, top-1, without a router: valid whatever the Setup's gate
+    lora = controlled.build(task, replace(s, gate="mixtral"), "lora", seed=0).proj
+    assert lora.config.num_experts == 1 and lora.config.r == 8 and lora.router is None
+
+
 def test_quick_run_parameters_and_controls(quick):
     s, main = controlled.Setup(), quick["main"]
     lora_params = s.experts * s.r * 2 * s.d
@@ -113,90 +125,10 @@ def test_quick_run_trained_contenders_learn_and_respect_the_floors(quick):
     for r in main["moelora_cl0"]:
         assert r["nmi"] > r["nmi_init"] + 0.3  # its routing learnt the clusters, from a random start
     assert "### Sweep: contrastive weight" in quick["text"] and "| lora |" in quick["text"]
+    # the quick top-k sweep is top-1 alone: it must have trained with Switch's gate (Mixtral's is refused there)
+    assert "| top_k = 1 (Switch's gate) |" in quick["text"]
 
 
 def test_figures(quick, tmp_path):
     controlled.plot(quick["main"], tmp_path)
     assert (tmp_path / "controlled_fit.png").stat().st_size > 0 and (tmp_path / "controlled_nmi.png").stat().st_size > 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# the contrastive-loss trial (tutorial/experiments.md): its statistics, its second reading, its measures
-
-def test_paired_difference_interval_and_verdicts():
-    a, b = [1.0, 2.0, 3.0, 4.0], [1.5, 2.4, 3.6, 4.5]  # a - b = -0.5, -0.4, -0.6, -0.5
-    mean, lo, hi, verdict = controlled.paired_difference(a, b)
-    half = 3.182 * torch.tensor([-0.5, -0.4, -0.6, -0.5]).std().item() / 2  # t(3 degrees of freedom) * sd / sqrt(4)
-    assert mean == pytest.approx(-0.5) and lo == pytest.approx(-0.5 - half) and hi == pytest.approx(-0.5 + half)
-    assert verdict == "better"  # lower is better (a loss)
-    assert controlled.paired_difference(b, a)[3] == "worse"
-    assert controlled.paired_difference([1.0, 2.0, 3.0], [1.1, 1.9, 3.05])[3] == "no difference"
-
-
-def test_same_token_contrastive_matches_a_loop_and_leaves_the_router_alone():
-    torch.manual_seed(0)
-    s = controlled.Setup(d=16, experts=4, r=2, top_k=2)
-    model = controlled.build(controlled.make_task(s, 0), s, "moelora_sametoken", seed=0)
-    layer = model.proj
-    x = torch.randn(10, 16)
-    model.train()
-    model(x)  # B = 0 at the start: every cosine is 0, and the loss log(N - 1)
-    assert controlled.same_token_contrastive(layer, x, 0.5).item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
-    with torch.no_grad():
-        layer.lora_B.normal_()
-    model(x)
-    loss = controlled.same_token_contrastive(layer, x, 0.5)
-    z = torch.einsum("eor,ner->neo", layer.lora_B, (x @ layer.lora_A.reshape(8, 16).T).view(10, 4, 2))  # [n, N, d]
-    expected = []
-    for t in range(10):
-        chosen = layer.last_top_idx[t].tolist()
-        for a in chosen:
-            others = [e for e in range(4) if e != a]
-            cos = torch.stack([F.cosine_similarity(z[t, a], z[t, e], dim=0) for e in others]) / 0.5
-            p = [e for e in chosen if e != a][0]
-            expected.append(torch.logsumexp(cos, 0) - cos[others.index(p)])
-    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
-    loss.backward()
-    assert layer.router.weight.grad is None and layer.lora_B.grad.abs().sum() > 0
-
-
-def test_routing_measure_helpers():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(500, 6, generator=g)
-    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
-    assert controlled.linear_cka(a, 3 * a @ q) == pytest.approx(1.0, abs=1e-5)  # rotation and scale do not count
-    assert controlled.linear_cka(a, torch.randn(500, 6, generator=g)) < 0.1
-    w = torch.randn(8, 16, generator=g)
-    for fresh in controlled.same_scale_random_routers(w, 3, seed=0):
-        assert fresh.norm().item() == pytest.approx(w.norm().item()) and not torch.allclose(fresh, w)
-    gap, entropy = controlled.decisiveness(torch.tensor([[3.0, 1.0, 0.5, 0.0]]), k=2)
-    assert gap == pytest.approx(0.5) and 0 < entropy < torch.log(torch.tensor(4.0)).item()
-    # the rank-1 teacher reads x along its centre: within a cluster its outputs point one way
-    s = controlled.Setup(clusters=8, teacher_rank=1, teacher_aligned=True, sep=3.0)
-    task = controlled.make_task(s, 1)
-    x, c, y = controlled.sample(task, 2000, torch.Generator().manual_seed(0))
-    assert controlled.within_cosine(y - x @ task["W0"].T, c) > 0.95
-    assert controlled.floor_single(task, 32) > 0.3  # and still no single update fits every cluster
-
-
-def test_trial_quick_runs_resumes_and_decides(tmp_path, capsys):
-    summary = controlled.main(["--trial", "--quick", "--trial_dir", str(tmp_path), "--jobs", "2"])
-    out = capsys.readouterr().out
-    extra = sum(arms["moe_supcon"] != controlled.old_default({c: {"moe_cl0": {"setting": arms["moe_cl0"]}}}, c)
-                for c, arms in summary["picked"].items())  # the exploratory runs at the old default weight 0.1
-    # every run prints its command: per cell 14 tuning runs (1 seed) and 5 arms x 2 reported seeds
-    assert out.count("python tutorial/controlled.py --trial --cell") == 2 * (3 * 2 + 2 * 4) + 2 * 2 * 5 + 2 * extra
-    assert set(summary["verdicts"]) == {"moe_supcon", "moe_sametoken"}
-    for verdict in summary["verdicts"].values():
-        assert all(v.split(" (")[0] in ("supported", "partly", "not supported", "contradicted") for v in verdict.values())
-    for cell, arms in summary["picked"].items():
-        assert arms["moe_supcon"][1] in controlled.QUICK_GRID["weight"] and arms["lora"][1] == 0.0
-    frozen = controlled.load_runs(tmp_path, "rank1_sep3_bal0", "moe_frozen", summary["picked"]["rank1_sep3_bal0"]["moe_frozen"], [1, 2])
-    for r in frozen:  # the control's router never moved: trained and "put back to step 0" are the same router
-        m = r["measures"]
-        assert m["nmi"] == m["nmi_init"] and m["relevance"] == m["relevance_init"] and m["consistent_ckpt"] == 1.0
-    supcon = controlled.load_runs(tmp_path, "rank1_sep3_bal0", "moe_supcon", summary["picked"]["rank1_sep3_bal0"]["moe_supcon"], [1, 2])
-    assert all(len(r["grad_ratio"]) == 1 and r["grad_ratio"][0] > 0 for r in supcon)  # measured at step 20 of 40
-    assert "### Verdicts" in (tmp_path / "report.md").read_text()
-    controlled.main(["--trial", "--quick", "--trial_dir", str(tmp_path)])  # everything is there: nothing runs again
-    assert "--cell" not in capsys.readouterr().out.split("### Tuned settings")[0]

@@ -25,14 +25,14 @@ top-1 expert against the true cluster, trained and at init), "random routing" (t
 two checkpoints and under small input noise; how alike one expert's outputs are, which is what the contrastive
 loss rewards), and sweeps of C vs N, rank per expert, top-k, contrastive
 weight and separation. Figures (matplotlib, optional): controlled_fit.png, controlled_nmi.png.
+
+tutorial/trial.py runs the pre-registered contrastive-loss trials on this task; it takes the task, `train` and
+the routing measures (a)-(e) from here.
 """
 import argparse
 import contextlib
 import copy
-import json
 import math
-import multiprocessing
-import os
 import platform
 import sys
 import time
@@ -59,9 +59,12 @@ class Setup:
     experts: int = 4  # N
     r: int = 4  # rank per expert; LoRA gets N * r
     top_k: int = 2  # the project's default
+    gate: str = "mixtral"  # "switch": softmax over all N logits, the k kept unrenormalised (what top-1 needs)
     contrastive_weight: float = 0.1  # the first runs' value: the project's default then (it is 0 since the trial)
     temperature: float = 0.1  # of the contrastive loss, either reading
     balance_weight: float = 0.01  # the project's default
+    router_z_weight: float = 0.0  # ST-MoE's router z-loss
+    router_jitter: float = 0.0  # Switch's multiplicative noise on the router input, in training
     steps: int = 300
     batch: int = 128  # x top-2 = 256 (input, expert) pairs: the contrastive loss takes them all, no sampling
     eval_every: int = 25
@@ -219,10 +222,12 @@ def build(task, s: Setup, variant: str, seed: int):
         return model.requires_grad_(False)
     lora = variant == "lora"
     N, r = (1, s.experts * s.r) if lora else (s.experts, s.r)
+    # one expert has no router: LoRA keeps the config's router settings, whatever the Setup says
+    router = {} if lora else {"gate": s.gate, "router_z_weight": s.router_z_weight, "router_jitter": s.router_jitter}
     cfg = MoELoRAConfig(num_experts=N, top_k=1 if lora else s.top_k, r=r, lora_alpha=2.0 * r, lora_dropout=0.0,
                         target_modules=("proj",), contrastive_weight=s.contrastive_weight,
-                        contrastive_temperature=s.temperature,
-                        balance_weight=s.balance_weight)  # alpha = 2r as train.py: scaling 2 for every contender
+                        contrastive_temperature=s.temperature, balance_weight=s.balance_weight,
+                        **router)  # alpha = 2r as train.py: scaling 2 for every contender
     cfg = replace(cfg, **{k: v for k, v in VARIANTS[variant].items() if k not in EXTRA_KEYS})
     torch.manual_seed(seed)
     inject_moelora(model, cfg)
@@ -467,6 +472,27 @@ def mean_std(values, fmt="{:.3f}"):
     return f"{fmt.format(v.mean().item())} ± {fmt.format(v.std().item())}"
 
 
+# paired statistics of the trials (tutorial/trial.py and tutorial/shift.py --trial import them from here)
+# two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96 is within 2%)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def paired_difference(a, b):
+    """a, b: one value per seed, paired. (mean of a - b, low, high of its 95% t-interval, verdict): "better" when
+    the interval lies below 0 (a lower, i.e. better for a loss), "worse" above 0, else "no difference"."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    n = len(d)
+    if n < 2:
+        return float(d.mean()), float("nan"), float("nan"), "n/a (one seed)"
+    t = T975[min((k for k in T975 if k >= n - 1), default=30)]
+    half = t * float(d.std()) / math.sqrt(n)
+    mean = float(d.mean())
+    verdict = "better" if mean + half < 0 else "worse" if mean - half > 0 else "no difference"
+    return mean, mean - half, mean + half, verdict
+
+
 def run_setting(s: Setup, variants, seeds, lrs):
     """{variant: [result per seed]}, every variant on the same teacher, batches and eval set per seed."""
     results = {v: [] for v in variants}
@@ -553,17 +579,23 @@ def table_random(res, s: Setup):
     return "\n".join(lines)
 
 
-def sweep(s: Setup, field, values, variants, seeds, lrs, main_res=None):
-    """One knob varied, every other setting as in s; the default value reuses the main comparison's runs.
-    Returns rows for table_sweep."""
+GATE_NAMES = {"mixtral": "Mixtral's gate", "switch": "Switch's gate"}
+
+
+def sweep(s: Setup, field, values, variants, seeds, lrs, main_res=None, extra=None):
+    """One knob varied, every other setting as in s; a value that gives s itself reuses the main comparison's runs.
+    extra: {value: other Setup fields that go with it}. Returns rows for table_sweep."""
     rows = []
     for value in values:
-        t = replace(s, **{field: value})
-        if main_res is not None and value == getattr(s, field):
+        with_value = (extra or {}).get(value, {})
+        t = replace(s, **{field: value}, **with_value)
+        if main_res is not None and t == s:
             res = {v: main_res[v] for v in variants}
         else:
             res = run_setting(t, variants, seeds, lrs)
-        label = f"{field} = {value:g}" + (f" (LoRA rank {t.experts * value})" if field == "r" else "")
+        notes = [f"LoRA rank {t.experts * value}"] if field == "r" else []
+        notes += [GATE_NAMES.get(v, v) if k == "gate" else f"{k} = {v:g}" for k, v in with_value.items()]
+        label = f"{field} = {value:g}" + (f" ({', '.join(notes)})" if notes else "")
         rows.append({"value": label, "res": res, "floors": floors(t, seeds)})
     return rows
 
@@ -615,330 +647,6 @@ def plot(res, out_dir: Path, lora_floor=None):
         plt.close(fig)
 
 
-# -----------------------------------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------------------------------
-# the contrastive-loss trial: `python tutorial/controlled.py --trial`. tutorial/experiments.md holds its protocol
-# (written before it ran): the cells, arms, grids, seeds and the decision rules applied in trial_verdicts.
-
-TRIAL_ARMS = {"lora": "lora", "moe_cl0": "moelora_cl0", "moe_frozen": "moelora_cl0_frozen_router",
-              "moe_supcon": "moelora", "moe_sametoken": "moelora_sametoken"}  # trial arm -> VARIANTS entry
-READINGS = {"moe_supcon": "SupCon across tokens (the project's)", "moe_sametoken": "same token (CoMoE's)"}
-TRIAL_GRID = {"lr": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "weight": (0.001, 0.01, 0.1, 1.0), "tau": (0.1, 0.5)}
-QUICK_GRID = {"lr": (1e-2, 3e-2), "weight": (0.01, 0.1), "tau": (0.1,)}
-TUNING_SEEDS, REPORTED_SEEDS = (1001, 1002, 1003), tuple(range(1, 13))
-# two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96 is within 2%)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def paired_difference(a, b):
-    """a, b: one value per seed, paired. (mean of a - b, low, high of its 95% t-interval, verdict): "better" when
-    the interval lies below 0 (a lower, i.e. better for a loss), "worse" above 0, else "no difference"."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    n = len(d)
-    if n < 2:
-        return float(d.mean()), float("nan"), float("nan"), "n/a (one seed)"
-    t = T975[min((k for k in T975 if k >= n - 1), default=30)]
-    half = t * float(d.std()) / math.sqrt(n)
-    mean = float(d.mean())
-    verdict = "better" if mean + half < 0 else "worse" if mean - half > 0 else "no difference"
-    return mean, mean - half, mean + half, verdict
-
-
-def trial_cells(quick: bool):
-    """{cell name: (teacher rank, separation, balance weight)}: the 2 x 2 x 2 factorial, or 2 cells for --quick."""
-    levels = [(1, 3.0, 0.0), (4, 3.0, 0.0)] if quick else \
-        [(rank, sep, bal) for rank in (1, 4) for sep in (2.0, 3.0) for bal in (0.0, 0.01)]
-    return {f"rank{rank}_sep{sep:g}_bal{bal:g}": (rank, sep, bal) for rank, sep, bal in levels}
-
-
-def cell_setup(cell: str, quick: bool) -> Setup:
-    rank, sep, bal = trial_cells(False)[cell]
-    s = Setup(clusters=8, experts=8, r=4, top_k=2, teacher_rank=rank, teacher_aligned=rank == 1, sep=sep,
-              balance_weight=bal)  # rank 1 reads x along its centre: one cluster's outputs point one way
-    return replace(s, steps=40, n_eval=512, eval_every=20) if quick else s
-
-
-def arm_settings(arm: str, grid: dict):
-    """Every (lr, weight, tau) the grid tries for an arm; arms without the contrastive loss tune the lr only."""
-    if arm in READINGS:
-        return [(lr, w, tau) for lr in grid["lr"] for w in grid["weight"] for tau in grid["tau"]]
-    return [(lr, 0.0, 0.1) for lr in grid["lr"]]
-
-
-def run_file(out_dir: Path, cell: str, arm: str, setting, seed: int) -> Path:
-    lr, w, tau = setting
-    return out_dir / cell / f"{arm}_lr{lr:g}_w{w:g}_tau{tau:g}_s{seed}.json"
-
-
-def run_command(cell: str, arm: str, setting, seed: int, quick: bool) -> str:
-    lr, w, tau = setting
-    return (f"python tutorial/controlled.py --trial --cell {cell} --arm {arm} --lr {lr:g} --weight {w:g} --tau {tau:g} "
-            f"--seed {seed}" + (" --quick" if quick else ""))
-
-
-_TASKS = {}  # (cell, seed, quick) -> (task, training batches, held-out set), kept for the runs of one job
-
-
-def trial_run(cell: str, arm: str, setting, seed: int, quick: bool, measures: bool) -> dict:
-    """One run of the trial; a dict that JSON can hold."""
-    lr, w, tau = setting
-    s = replace(cell_setup(cell, quick), contrastive_weight=w, temperature=tau)
-    key = (cell, seed, quick)
-    if key not in _TASKS:
-        _TASKS.clear()
-        task = make_task(s, seed)
-        _TASKS[key] = (task, batches(task, s.steps, s.batch, seed),
-                       sample(task, s.n_eval, torch.Generator().manual_seed(20_000 + seed)))
-    task, data, eval_data = _TASKS[key]
-    r = train(task, s, TRIAL_ARMS[arm], seed, lr, data, eval_data, measures=measures)
-    out = {"cell": cell, "arm": arm, "lr": lr, "weight": w, "tau": tau, "seed": seed, "final": r["final"],
-           "steps": r["hist"]["step"], "mse": r["hist"]["mse"], "grad_ratio": r["hist"]["grad_ratio"]}
-    if "measures" in r:
-        out["measures"] = r["measures"]
-    return out
-
-
-def trial_job(job):
-    """Run the runs of one (cell, seed) that have no result file yet; returns (command, final MSE) per run."""
-    out_dir, cell, seed, runs, quick, measures = job
-    torch.set_num_threads(1)
-    done = []
-    for arm, setting in runs:
-        path = run_file(out_dir, cell, arm, setting, seed)
-        if path.exists():
-            continue
-        result = trial_run(cell, arm, setting, seed, quick, measures)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)  # a stopped trial never leaves half a result: start it again to go on
-        done.append((run_command(cell, arm, setting, seed, quick), result["final"]))
-    return done
-
-
-def run_jobs(jobs, n_workers: int):
-    todo = [j for j in jobs if any(not run_file(j[0], j[1], arm, st, j[2]).exists() for arm, st in j[3])]
-    if not todo:
-        return
-    with multiprocessing.get_context("fork").Pool(n_workers) as pool:
-        for done in pool.imap_unordered(trial_job, todo):
-            for command, final in done:
-                print(f"{command}  # final relative MSE {final:.4f}", flush=True)
-
-
-def load_runs(out_dir: Path, cell: str, arm: str, setting, seeds):
-    return [json.loads(run_file(out_dir, cell, arm, setting, seed).read_text()) for seed in seeds]
-
-
-def tune(out_dir: Path, cells, grid, seeds):
-    """{cell: {arm: {"setting": the best (lr, weight, tau), "tuning": {setting: mean final MSE over seeds}}}}."""
-    picked = {}
-    for cell in cells:
-        picked[cell] = {}
-        for arm in TRIAL_ARMS:
-            scores = {st: sum(r["final"] for r in load_runs(out_dir, cell, arm, st, seeds)) / len(seeds)
-                      for st in arm_settings(arm, grid)}
-            picked[cell][arm] = {"setting": min(scores, key=scores.get), "tuning": scores}
-    return picked
-
-
-def best_weight_and_tau(picked, reading: str, grid):
-    """w* and tau* of a reading, as the protocol defines them: for each weight, its best tuning MSE (over lr and
-    tau) divided by moe_cl0's tuned MSE in the same cell, averaged over the cells; tau* the same way at w*."""
-    def mean_ratio(keep):
-        ratios = [min(v for st, v in p[reading]["tuning"].items() if keep(st)) / min(p["moe_cl0"]["tuning"].values())
-                  for p in picked.values()]
-        return sum(ratios) / len(ratios)
-    by_weight = {w: mean_ratio(lambda st, w=w: st[1] == w) for w in grid["weight"]}
-    w_star = min(by_weight, key=by_weight.get)
-    by_tau = {t: mean_ratio(lambda st, t=t: st[1] == w_star and st[2] == t) for t in grid["tau"]}
-    return w_star, min(by_tau, key=by_tau.get), by_weight, by_tau
-
-
-def trial_verdicts(diffs, cells):
-    """The protocol's decision rules. diffs[(cell, name)] = paired_difference(...); names as in trial_report.
-    Returns {reading: {"H1": ..., "H2": ..., "H3": ...}}, counting the rank-1 cells (where the loss can help)."""
-    rank1 = [c for c in cells if c.startswith("rank1_")]
-    count = lambda name, verdict: sum(diffs[(c, name)][3] == verdict for c in rank1)
-    out = {}
-    for arm in READINGS:
-        verdict = {}
-        for h, name in (("H1", f"{arm} - moe_cl0"), ("H3", f"{arm} - lora")):
-            verdict[h] = ("supported" if count(name, "better") >= 2 else "contradicted" if count(name, "worse") >= 2
-                          else "not supported") + f" (better in {count(name, 'better')}, worse in {count(name, 'worse')}"\
-                                                  f" of {len(rank1)} rank-1 cells)"
-        # H2: a higher NMI and a higher causal relevance are less random routing; "worse" there means higher
-        up_nmi, up_rel = count(f"{arm} - moe_cl0: nmi", "worse"), count(f"{arm} - moe_cl0: relevance", "worse")
-        need = min(2, len(rank1))
-        verdict["H2"] = ("supported" if up_nmi >= need and up_rel >= need else "partly" if up_nmi >= need or
-                         up_rel >= need else "not supported") + \
-            f" (NMI higher in {up_nmi}, causal relevance higher in {up_rel} of {len(rank1)} rank-1 cells)"
-        out[arm] = verdict
-    return out
-
-
-def fmt_diff(d, digits=3):
-    mean, lo, hi, verdict = d
-    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {verdict}"
-
-
-def trial_report(out_dir: Path, cells, picked, seeds, grid, quick: bool):
-    """The trial's tables as Markdown, and the verdicts."""
-    runs = {(c, arm): load_runs(out_dir, c, arm, picked[c][arm]["setting"], seeds) for c in cells for arm in TRIAL_ARMS}
-    final = lambda c, arm: [r["final"] for r in runs[(c, arm)]]
-    measure = lambda c, arm, key: [r["measures"][key] for r in runs[(c, arm)]]
-    lines = ["### Tuned settings (mean final relative MSE on the tuning seeds)", "",
-             "| cell | " + " | ".join(TRIAL_ARMS) + " |", "| --- |" + " --- |" * len(TRIAL_ARMS)]
-    for c in cells:
-        cells_txt = []
-        for arm in TRIAL_ARMS:
-            (lr, w, tau), score = picked[c][arm]["setting"], min(picked[c][arm]["tuning"].values())
-            cells_txt.append(f"lr {lr:g}" + (f", w {w:g}, tau {tau:g}" if arm in READINGS else "") + f": {score:.3f}")
-        lines.append(f"| {c} | " + " | ".join(cells_txt) + " |")
-    stars = {}
-    for reading in READINGS:
-        w_star, tau_star, by_w, by_tau = best_weight_and_tau(picked, reading, grid)
-        stars[reading] = (w_star, tau_star)
-        lines += ["", f"{reading}: best tuning MSE per weight over moe_cl0's, mean over cells: " +
-                  ", ".join(f"w {w:g}: {v:.3f}" for w, v in by_w.items()) + f"; w* = {w_star:g}; at w*, per tau: " +
-                  ", ".join(f"tau {t:g}: {v:.3f}" for t, v in by_tau.items()) + f"; tau* = {tau_star:g}"]
-    lines += ["", "Each weight at its best lr and tau, as a share of moe_cl0's tuned MSE (tuning seeds; < 1: the loss "
-              "helped there)", "", "| cell | " + " | ".join(f"{READINGS[a].split(' (')[0]}, w {w:g}" for a in READINGS
-                                                          for w in grid["weight"]) + " |",
-              "| --- |" + " ---: |" * (len(READINGS) * len(grid["weight"]))]
-    for c in cells:
-        cl0 = min(picked[c]["moe_cl0"]["tuning"].values())
-        lines.append(f"| {c} | " + " | ".join(
-            f"{min(v for st, v in picked[c][a]['tuning'].items() if st[1] == w) / cl0:.3f}"
-            for a in READINGS for w in grid["weight"]) + " |")
-    lines += ["", f"### Final relative MSE on the reported seeds {list(seeds)} (mean ± sd; base = 1)", "",
-              "| cell | floor: one rank-32 update | " + " | ".join(TRIAL_ARMS) + " |",
-              "| --- | ---: |" + " ---: |" * len(TRIAL_ARMS)]
-    for c in cells:
-        floor = mean_std([floor_single(make_task(cell_setup(c, quick), seed), 32) for seed in seeds])
-        lines.append(f"| {c} | {floor} | " + " | ".join(mean_std(final(c, arm)) for arm in TRIAL_ARMS) + " |")
-    comparisons = [("moe_supcon", "moe_cl0"), ("moe_sametoken", "moe_cl0"), ("moe_supcon", "lora"),
-                   ("moe_sametoken", "lora"), ("moe_cl0", "lora")]
-    diffs = {}
-    for c in cells:
-        for a, b in comparisons:
-            diffs[(c, f"{a} - {b}")] = paired_difference(final(c, a), final(c, b))
-        for arm in READINGS:
-            for key in ("nmi", "relevance"):
-                diffs[(c, f"{arm} - moe_cl0: {key}")] = paired_difference(measure(c, arm, key), measure(c, "moe_cl0", key))
-    lines += ["", "### Paired differences of the final relative MSE: mean [95% t-interval], verdict (better = lower)", "",
-              "| cell | " + " | ".join(f"{a} - {b}" for a, b in comparisons) + " |", "| --- |" + " --- |" * len(comparisons)]
-    for c in cells:
-        lines.append(f"| {c} | " + " | ".join(fmt_diff(diffs[(c, f'{a} - {b}')]) for a, b in comparisons) + " |")
-    lines += ["", "### Random routing: measures (a)-(e), trained / with the router put back to step 0 (mean over seeds)", "",
-              "(a) held-out MSE rise when the router is swapped for a random one of the same norm; (b) NMI(top-1; "
-              "cluster); (c) top-2 set unchanged between the last two checkpoints; (d) gap between the 2nd and 3rd "
-              "logit, and gate entropy (nats, uniform 2.08); (e) mean linear CKA between experts' outputs; "
-              "|grad contrastive| / |grad task|, mean over checkpoints.", "",
-              "| cell | arm | (a) relevance | (b) NMI | (c) same top-2 | (d) gap | (d) entropy | (e) CKA | grad ratio |",
-              "| --- | --- |" + " ---: |" * 7]
-    avg = lambda v: sum(v) / len(v)
-    for c in cells:
-        for arm in ("moe_cl0", "moe_supcon", "moe_sametoken", "moe_frozen"):
-            pair = lambda key: f"{avg(measure(c, arm, key)):.3f} / {avg(measure(c, arm, key + '_init')):.3f}"
-            ratios = [sum(r["grad_ratio"]) / len(r["grad_ratio"]) for r in runs[(c, arm)] if r["grad_ratio"]]
-            lines.append(f"| {c} | {arm} | {pair('relevance')} | {pair('nmi')} | "
-                         f"{avg(measure(c, arm, 'consistent_ckpt')):.3f} | {pair('gap')} | {pair('entropy')} | "
-                         f"{avg(measure(c, arm, 'cka')):.3f} | " + (f"{avg(ratios):.3g}" if ratios else "") + " |")
-    lines += ["", "### H2: paired differences from moe_cl0 of (b) NMI and (a) causal relevance (higher = less random)", "",
-              "| cell | " + " | ".join(f"{arm}: {key}" for arm in READINGS for key in ("nmi", "relevance")) + " |",
-              "| --- |" + " --- |" * 4]
-    for c in cells:
-        lines.append(f"| {c} | " + " | ".join(fmt_diff(diffs[(c, f'{arm} - moe_cl0: {key}')]).replace("better", "lower")
-                                             .replace("worse", "higher") for arm in READINGS
-                                             for key in ("nmi", "relevance")) + " |")
-    verdicts = trial_verdicts(diffs, cells)
-    lines += ["", "### Exploratory (not in the protocol): the defaults before the trial, weight 0.1 and tau 0.1, "
-              "at moe_cl0's tuned lr", "",
-              "Clusters per expert: how many clusters make up at least 10% of the inputs that select an expert "
-              "(mean over experts; 1 = one cluster each).", "",
-              "| cell | MSE: w 0.1 - moe_cl0 | NMI: w 0.1 - moe_cl0 | clusters per expert, moe_cl0 / w 0.1 | "
-              "(e) CKA, moe_cl0 / w 0.1 |", "| --- | --- | --- | ---: | ---: |"]
-    for c in cells:
-        old = load_runs(out_dir, c, "moe_supcon", old_default(picked, c), seeds)
-        per = lambda rs, key: avg([r["measures"][key] for r in rs])
-        nmi_diff = fmt_diff(paired_difference([r["measures"]["nmi"] for r in old], measure(c, "moe_cl0", "nmi")))
-        lines.append(f"| {c} | {fmt_diff(paired_difference([r['final'] for r in old], final(c, 'moe_cl0')))} | "
-                     + nmi_diff.replace("better", "lower").replace("worse", "higher") + " | "
-                     f"{per(runs[(c, 'moe_cl0')], 'clusters_per_expert'):.2f} / {per(old, 'clusters_per_expert'):.2f} | "
-                     f"{per(runs[(c, 'moe_cl0')], 'cka'):.3f} / {per(old, 'cka'):.3f} |")
-    lines += ["", "### Verdicts (the protocol's decision rules)", ""]
-    for arm, v in verdicts.items():
-        lines += [f"- {READINGS[arm]}: " + "; ".join(f"{h} {v[h]}" for h in ("H1", "H2", "H3"))]
-    return "\n".join(lines), {"picked": {c: {a: p["setting"] for a, p in v.items()} for c, v in picked.items()},
-                              "stars": stars, "verdicts": verdicts,
-                              "diffs": {f"{c} | {n}": d for (c, n), d in diffs.items()}}
-
-
-def plot_trial(summary, cells, path):
-    """A forest plot: the paired difference from moe_cl0 of each reading, per cell, with its 95% interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(cells) + 1.2))
-    for k, (arm, color) in enumerate((("moe_supcon", "tab:red"), ("moe_sametoken", "tab:purple"))):
-        for i, c in enumerate(cells):
-            mean, lo, hi, _ = summary["diffs"][f"{c} | {arm} - moe_cl0"]
-            y = i + 0.15 * (1 if k else -1)
-            ax.plot([lo, hi], [y, y], color=color, lw=2)
-            ax.plot([mean], [y], "o", color=color, label=READINGS[arm] if i == 0 else None)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(cells)), cells, fontsize=8)
-    ax.set_xlabel("final relative MSE: with the loss minus without\n(paired over seeds, 95% interval; < 0: the loss helps)")
-    ax.set_title("the contrastive loss at its tuned weight, per cell of the synthetic trial", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def old_default(picked, cell):
-    """The project's reading at the weight and temperature that were the defaults before the trial, at moe_cl0's lr."""
-    return (picked[cell]["moe_cl0"]["setting"][0], 0.1, 0.1)
-
-
-def trial_main(args):
-    """Tune on the tuning seeds, run the reported seeds at each arm's tuned setting, print the report."""
-    out_dir, quick = Path(args.trial_dir), args.quick
-    cells = list(trial_cells(quick))
-    grid = QUICK_GRID if quick else TRIAL_GRID
-    tuning_seeds = TUNING_SEEDS[:1] if quick else TUNING_SEEDS
-    seeds = REPORTED_SEEDS[:2] if quick else REPORTED_SEEDS
-    if args.cell:  # one run, as its printed command asked
-        setting = (args.lr, args.weight, args.tau)
-        print(json.dumps(trial_run(args.cell, args.arm, setting, args.seed, quick, args.seed in REPORTED_SEEDS)))
-        return None
-    start = time.time()
-    run_jobs([(out_dir, c, seed, [(arm, st) for arm in TRIAL_ARMS for st in arm_settings(arm, grid)], quick, False)
-              for c in cells for seed in tuning_seeds], args.jobs)
-    picked = tune(out_dir, cells, grid, tuning_seeds)
-    run_jobs([(out_dir, c, seed, [(arm, picked[c][arm]["setting"]) for arm in TRIAL_ARMS], quick, True)
-              for c in cells for seed in seeds], args.jobs)
-    # exploratory, added after the protocol's runs: the default weight before the trial (0.1, tau 0.1), at
-    # moe_cl0's tuned lr, on the reported seeds: what it did, and why
-    run_jobs([(out_dir, c, seed, [("moe_supcon", old_default(picked, c))], quick, True) for c in cells for seed in seeds],
-             args.jobs)
-    text, summary = trial_report(out_dir, cells, picked, seeds, grid, quick)
-    command = "python tutorial/controlled.py --trial" + (" --quick" if quick else "")
-    header = (f"`{command}` (results in {out_dir}; wall time of this call {time.time() - start:.0f} s)\n\nmachine: "
-              f"{cpu_name()}, {args.jobs} job(s) of 1 thread, python {platform.python_version()}, torch {torch.__version__}\n")
-    text = header + "\n" + text
-    print(text)
-    (out_dir / "report.md").write_text(text + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if args.figure:
-        plot_trial(summary, cells, args.figure)
-    return summary
-
-
 def cpu_name():
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -958,20 +666,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 2)")
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where the figures go")
     p.add_argument("--no_figures", action="store_true", help="tables only (no matplotlib needed)")
-    trial = p.add_argument_group("the contrastive-loss trial (tutorial/experiments.md)")
-    trial.add_argument("--trial", action="store_true", help="run the trial instead of the controlled experiment")
-    trial.add_argument("--trial_dir", default="out/trial_synthetic", help="one JSON file per run: a rerun skips those")
-    trial.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    trial.add_argument("--figure", default=None, help="the trial's forest plot into this PNG (needs matplotlib)")
-    trial.add_argument("--cell", default=None, help="with --arm, --lr, --weight, --tau, --seed: one run of the trial")
-    trial.add_argument("--arm", choices=list(TRIAL_ARMS), default="moe_supcon")
-    trial.add_argument("--lr", type=float, default=1e-2)
-    trial.add_argument("--weight", type=float, default=0.0)
-    trial.add_argument("--tau", type=float, default=0.1)
-    trial.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    if args.trial:
-        return trial_main(args)
     start = time.time()
     s = Setup(steps=60, n_eval=512, eval_every=20) if args.quick else Setup()
     seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
@@ -1014,15 +709,17 @@ def main(argv=None):
             "", "### Random routing, and what the contrastive loss does to the experts' outputs", "", table_random(res, s),
             "", f"For reference, the teacher's updates D_c x within a cluster have a mean cosine of {mean_std(teacher_cos)}."]
     sw_seeds = seeds[:1] if args.quick else seeds
-    sweeps = [("C vs N (N = 4)", "clusters", [2, 4, 8], trained),
-              ("rank per expert (r_t = 4)", "r", [2, 4, 8], trained),
-              ("top-k", "top_k", [1, 2, 4], trained),
-              ("separation |mu_c| / sigma", "sep", [1.0, 2.0, 4.0, 8.0], trained),
-              ("contrastive weight", "contrastive_weight", [0.0, 0.01, 0.1, 1.0], ["moelora"])]
-    for title, field, values, variants in sweeps:
+    # (title, Setup field, values, variants, {value: other fields that go with it})
+    sweeps = [("C vs N (N = 4)", "clusters", [2, 4, 8], trained, {}),
+              ("rank per expert (r_t = 4)", "r", [2, 4, 8], trained, {}),
+              # top-1 with Mixtral's gate (a softmax over one logit, always 1) would send the router no gradient
+              ("top-k", "top_k", [1, 2, 4], trained, {1: {"gate": "switch"}}),
+              ("separation |mu_c| / sigma", "sep", [1.0, 2.0, 4.0, 8.0], trained, {}),
+              ("contrastive weight", "contrastive_weight", [0.0, 0.01, 0.1, 1.0], ["moelora"], {})]
+    for title, field, values, variants, extra in sweeps:
         if args.quick:  # one value off the default per knob
             values = [v for v in values if v != getattr(s, field)][:1]
-        rows = sweep(s, field, values, variants, sw_seeds, lrs, res)
+        rows = sweep(s, field, values, variants, sw_seeds, lrs, res, extra)
         out += ["", f"### Sweep: {title}; seeds {sw_seeds}; final relative MSE and NMI (at init)", "",
                 table_sweep(rows, variants)]
     out += ["", f"wall time {time.time() - start:.0f} s"]

@@ -276,7 +276,7 @@ def figure(args, rows, path):
 
 # -----------------------------------------------------------------------------------------------------
 # the contrastive-loss trial, language-model tier: `python tutorial/shift.py --trial`. tutorial/experiments.md
-# holds its protocol (written before it ran); tutorial/controlled.py --trial is the synthetic tier, whose best
+# holds its protocol (written before it ran); tutorial/trial.py --design c8 is the synthetic tier, whose best
 # contrastive weight and temperature (w*, tau*) the moe_cl arm takes.
 
 TRIAL_ARMS = {"lora": ["--method", "lora", "--r", "32"], "moe_cl0": ["--contrastive_weight", "0"],
@@ -452,7 +452,7 @@ def trial_main(args):
         summary = Path(args.synthetic_summary)
         if not summary.exists():
             raise SystemExit(f"error: {summary} does not exist: run the synthetic tier first (python tutorial/"
-                             "controlled.py --trial), or give --cl_weight and --cl_tau")
+                             "trial.py --design c8), or give --cl_weight and --cl_tau")
         stars = json.loads(summary.read_text())["stars"]["moe_supcon"]
         w, tau = stars if w is None and tau is None else (w if w is not None else stars[0], tau if tau is not None else stars[1])
     TRIAL_ARMS["moe_cl"] = ["--contrastive_weight", f"{w:g}", "--contrastive_temperature", f"{tau:g}"]
