@@ -10,6 +10,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tutorial"))
 
 import controlled  # noqa: E402  (tutorial/controlled.py)
+import stabilisers  # noqa: E402  (tutorial/stabilisers.py)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,12 @@ def test_quick_run_trained_contenders_learn_and_respect_the_floors(quick):
 def test_figures(quick, tmp_path):
     controlled.plot(quick["main"], tmp_path)
     assert (tmp_path / "controlled_fit.png").stat().st_size > 0 and (tmp_path / "controlled_nmi.png").stat().st_size > 0
+
+
+def test_stabilisers_quick_z_loss_shrinks_the_logits_and_switch_top_1_learns():
+    res = stabilisers.main(["--quick"])
+    runs = {arm: r[0] for (lr, arm), r in res.items()}
+    assert runs["top-2, router z-loss 1e-3"]["router_z"] < 0.7 * runs["top-2, Mixtral's gate"]["router_z"]
+    trained, frozen = runs["top-1, Switch's gate"], runs["top-1, Switch's gate, router frozen"]
+    assert trained["nmi"] > frozen["nmi"] + 0.5 and trained["final"] < 0.7 * frozen["final"]
+

@@ -443,6 +443,8 @@ def train(task, s: Setup, variant: str, seed: int, lr: float, data=None, eval_da
             "nmi": hist["nmi"][-1], "nmi_init": nmi(e0, c_ev), "purity": purity(e, c_ev), "purity_init": purity(e0, c_ev),
             "flip_ckpt": float((hist["top1"][-1] != hist["top1"][-2]).double().mean()),  # last two checkpoints
             "flip_noise": float((top1(model, noisy) != e).double().mean()),
+            # what ST-MoE's z-loss penalises: how far the router's logits have drifted from 0
+            "router_z": float(model.proj.router(x_ev).logsumexp(dim=-1).square().mean()),
             "flip_noise_init": float((top1(init, noisy) != e0).double().mean()),
             "same_as_init": float((e == e0).double().mean()),
             "max_share": float(share.max()), "experts_used": int((share >= 0.05).sum()),
