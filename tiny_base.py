@@ -23,10 +23,6 @@ TINY_MODEL = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=
 TINY_BASE_FILE = "tiny_base.json"  # written into a tiny base's directory by build_tiny_base: how it was built
 
 
-def is_tiny_base(model_path) -> bool:
-    return (Path(model_path) / TINY_BASE_FILE).is_file()
-
-
 def tiny_base_cache() -> Path:
     """Where built tiny bases are kept, for every run and out_dir: $MOELORA_CACHE, else ~/.cache/moelora."""
     return Path(os.environ.get("MOELORA_CACHE") or Path.home() / ".cache" / "moelora")
@@ -78,7 +74,7 @@ def build_tiny_base(base_dir: Path, task: str, texts, steps: int, seed: int, log
     log(f"tiny base pretrained: last loss {loss.item():.3f}")
     params = {k: v for k, v in asdict(TINY_MODEL).items() if v is not None}
     (base_dir / "params.json").write_text(json.dumps(params, indent=2))
-    # marks the directory as a tiny base, so that `--model <it>` keeps the tiny preset
+    # how the base was built, for whoever finds the folder (the preset follows the base's size, not this file)
     (base_dir / TINY_BASE_FILE).write_text(json.dumps({"task": task, "pretrain_steps": steps, "seed": seed,
                                                        "examples": len(texts)}, indent=2))
     atomic_save(model.state_dict(), base_dir / "consolidated.00.pth")  # last: its presence means the base is complete
