@@ -1,6 +1,8 @@
 import atexit
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,3 +46,23 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~20 s on a 2-core CPU; `-m 'not slow'` leaves them out while "
+                                       "working (the README's command, and CI, run everything)")
+
+
+def run_in_group(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, killed whole on timeout: torchrun's workers, or a script's
+    children, must not outlive a test that gave up on them."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=kwargs.pop("stdout", subprocess.PIPE),
+                            stderr=kwargs.pop("stderr", subprocess.PIPE), **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
