@@ -285,10 +285,13 @@ def moelora_config(model) -> MoELoRAConfig:
 
 
 # --- the auxiliary losses, each over a leading batch of layers [...] ----------------------------------------
-def moelora_aux_losses(model):
+def moelora_aux_losses(model, contrastive_scale: float = 1.0):
     """{"contrastive", "balance", "router_z"}: the last forward's auxiliary losses times their weights, the
-    mean over adapted layers (zeros in eval mode or at weight 0). Call it after every forward: the next one
-    replaces its inputs. Layers that stack get theirs together: a few kernels a step, not dozens a layer."""
+    mean over adapted layers (zeros in eval mode or at weight 0). contrastive_scale: the share of
+    contrastive_weight to use now, e.g. a warm-up ramp. Call it after every forward: the next one replaces its
+    inputs. Layers that stack get theirs together: a few kernels a step, not dozens a layer."""
+    if not contrastive_scale >= 0:
+        raise ValueError(f"contrastive_scale {contrastive_scale} must be >= 0")
     named = moelora_layers(model)
     zero = named[0][1].lora_A.new_zeros(()) if named else torch.zeros(())
     if torch.is_grad_enabled():  # refuse losses that would silently train nothing, warn about bypassed layers
@@ -335,7 +338,7 @@ def moelora_aux_losses(model):
             dots = _contrastive_dots(torch.stack([i.codes for i in inputs]), labels, gram, cfg.num_experts)
             loss = contrastive_loss(dots, labels, cfg.contrastive_temperature, COSINE_NORM_FLOOR,
                                     _stacked_masks([i.codes_real for i in inputs]))  # [L]
-            terms["contrastive"].append(cfg.contrastive_weight * loss)
+            terms["contrastive"].append(cfg.contrastive_weight * contrastive_scale * loss)
     return {kind: torch.cat(values).mean() if values else zero for kind, values in terms.items()}
 
 

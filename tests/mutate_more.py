@@ -41,6 +41,7 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
     ("router z-loss without its square", "_token_mean(lse.square(), real)", "_token_mean(lse.abs(), real)"),
     ("padding counted in the router z-loss", "router_z_loss(logits, real))", "router_z_loss(logits, None))"),
     ("router z-loss weight ignored", "cfg.router_z_weight * router_z_loss(", "router_z_loss("),
+    ("contrastive_scale ignored", "cfg.contrastive_weight * contrastive_scale * loss", "cfg.contrastive_weight * loss"),
     ("an older adapter file's missing fields not defaulted", "saved = {**asdict(MoELoRAConfig()), **saved,", "saved = {**saved,"),
     ("a quantised base's output replaced by zeros",
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)",

@@ -348,6 +348,28 @@ def test_aux_losses_weighted_averaged_and_skipped_when_off():
     assert moelora_aux_losses(model)["contrastive"] == 0 and moelora_aux_losses(model)["balance"] > 0
 
 
+def test_contrastive_scale_scales_the_contrastive_term_alone():
+    # a warm-up ramp acts where contrastive_weight does: the contrastive term and its gradients times the scale,
+    # the other losses as they were
+    model = inject_moelora(TinyNet(), small_config(contrastive_weight=0.5, balance_weight=0.25, router_z_weight=0.1))
+    randomize_B(model)
+    model(torch.randn(2, 8, 16))
+    full = moelora_aux_losses(model)
+    scaled = moelora_aux_losses(model, contrastive_scale=0.3)  # the same forward, so the same sampled pairs
+    torch.testing.assert_close(scaled["contrastive"], 0.3 * full["contrastive"])
+    for key in ("balance", "router_z"):
+        torch.testing.assert_close(scaled[key], full[key])
+    adapters = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    full_grads = torch.autograd.grad(full["contrastive"], adapters, retain_graph=True)
+    for g, want in zip(torch.autograd.grad(scaled["contrastive"], adapters, retain_graph=True), full_grads):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(g, 0.3 * want)
+    assert moelora_aux_losses(model, contrastive_scale=0.0)["contrastive"] == 0
+    torch.testing.assert_close(moelora_aux_losses(model, contrastive_scale=1.0)["contrastive"], full["contrastive"])
+    with pytest.raises(ValueError, match="contrastive_scale -0.1 must be >= 0"):
+        moelora_aux_losses(model, contrastive_scale=-0.1)
+
+
 def per_layer_losses_written_out(layer, tau, floor=moelora.COSINE_NORM_FLOOR):
     """One layer's balance, contrastive and router z-losses (unweighted) from what its forward kept, written out the
     long way: z = B_e A_e x for each sampled pair, cosines by hand, sums over experts and anchors as loops."""
