@@ -18,18 +18,18 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
      "sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2) * temperature)", "sim = dots / (norms.unsqueeze(-1) * norms.unsqueeze(-2))"),
     ("balance loss without its factor N", "return num_experts * (f * P).sum(dim=-1)", "return (f * P).sum(dim=-1)"),  # 8
     ("padding counted in the balance loss",  # 10
-     "balance_loss(logits, top_idx, cfg.num_experts, real)", "balance_loss(logits, top_idx, cfg.num_experts, None)"),
+     "balance_loss(logits, top, cfg.num_experts, real)", "balance_loss(logits, top, cfg.num_experts, None)"),
     ("aux losses summed over layers instead of averaged", "torch.cat(values).mean() if values", "torch.cat(values).sum() if values"),
     ("checkpoint rerun keeps its loss inputs",  # 14
-     "if not rerun:\n                self.loss_inputs = LossInputs(", "if True:\n                self.loss_inputs = LossInputs("),
+     "if not rerun:\n                self._loss_inputs = _LossInputs(", "if True:\n                self._loss_inputs = _LossInputs("),
     ("contrastive pairs drawn again by every layer",
-     "self.drew_pairs = shared.drawn is None or shared.key != (M, k, S)", "self.drew_pairs = True"),
+     'self._drew_pairs = self._pairs.get("key") != (M, k, S)', "self._drew_pairs = True"),
     ("the layer that drew the pairs does not draw again in a checkpointing rerun",
-     "            if self.drew_pairs:\n                draw_pairs(M, k, S, real, self.lora_A.device)\n", ""),
+     "            if self._drew_pairs:\n                _draw_pairs(M, k, S, real, self.lora_A.device)\n", ""),
     ("the Gram matrices stacked in another order than the codes",
      "widths = sorted({layer.out_features for layer in group})", "widths = sorted({layer.out_features for layer in group}, reverse=True)"),
-    ("padding's sampled pairs counted in the contrastive loss", "stacked_masks([i.codes_real for i in inputs]))", "None)"),
-    ("the router frozen by mark_only_moelora_as_trainable",  # 13, whose text adapter_parameters rewrote
+    ("padding's sampled pairs counted in the contrastive loss", "_stacked_masks([i.codes_real for i in inputs]))", "None)"),
+    ("the router frozen by mark_only_moelora_as_trainable",  # 13, whose text _adapter_parameters rewrote
      '("lora_A", "lora_B", "router")', '("lora_A", "lora_B")'),
     ("Switch's gate renormalised over the k kept experts",
      "top_gates, top_idx = logits.float().softmax(dim=-1).topk(cfg.top_k, dim=-1)",
@@ -38,10 +38,11 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
     ("router jitter in eval mode too", "if self.training and cfg.router_jitter > 0:", "if cfg.router_jitter > 0:"),
     ("router jitter twice as wide", "uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)",
      "uniform_(1.0 - 2 * cfg.router_jitter, 1.0 + 2 * cfg.router_jitter)"),
-    ("router z-loss without its square", "token_mean(lse.square(), real)", "token_mean(lse.abs(), real)"),
+    ("router z-loss without its square", "_token_mean(lse.square(), real)", "_token_mean(lse.abs(), real)"),
     ("padding counted in the router z-loss", "router_z_loss(logits, real))", "router_z_loss(logits, None))"),
     ("router z-loss weight ignored", "cfg.router_z_weight * router_z_loss(", "router_z_loss("),
-    ("an older adapter file's missing fields not defaulted", "saved = {**defaults, **saved,", "saved = {**saved,"),
+    ("contrastive_scale ignored", "cfg.contrastive_weight * contrastive_scale * loss", "cfg.contrastive_weight * loss"),
+    ("an older adapter file's missing fields not defaulted", "saved = {**asdict(MoELoRAConfig()), **saved,", "saved = {**saved,"),
     ("a quantised base's output replaced by zeros",
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)",
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else x.new_zeros(*x.shape[:-1], self.out_features)"),

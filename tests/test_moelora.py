@@ -341,17 +341,39 @@ def test_aux_losses_weighted_averaged_and_skipped_when_off():
         torch.testing.assert_close(aux[key], torch.stack([a[key] for a in per_layer]).mean())
     model.eval()
     model(x)
-    assert all(l.loss_inputs is None for l in layers)  # nothing kept
+    assert all(l._loss_inputs is None for l in layers)  # nothing kept
     assert all(v == 0 for v in moelora_aux_losses(model).values())
     model = inject_moelora(TinyNet(), small_config(contrastive_weight=0.0))
     model(x)
     assert moelora_aux_losses(model)["contrastive"] == 0 and moelora_aux_losses(model)["balance"] > 0
 
 
+def test_contrastive_scale_scales_the_contrastive_term_alone():
+    # a warm-up ramp acts where contrastive_weight does: the contrastive term and its gradients times the scale,
+    # the other losses as they were
+    model = inject_moelora(TinyNet(), small_config(contrastive_weight=0.5, balance_weight=0.25, router_z_weight=0.1))
+    randomize_B(model)
+    model(torch.randn(2, 8, 16))
+    full = moelora_aux_losses(model)
+    scaled = moelora_aux_losses(model, contrastive_scale=0.3)  # the same forward, so the same sampled pairs
+    torch.testing.assert_close(scaled["contrastive"], 0.3 * full["contrastive"])
+    for key in ("balance", "router_z"):
+        torch.testing.assert_close(scaled[key], full[key])
+    adapters = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    full_grads = torch.autograd.grad(full["contrastive"], adapters, retain_graph=True)
+    for g, want in zip(torch.autograd.grad(scaled["contrastive"], adapters, retain_graph=True), full_grads):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(g, 0.3 * want)
+    assert moelora_aux_losses(model, contrastive_scale=0.0)["contrastive"] == 0
+    torch.testing.assert_close(moelora_aux_losses(model, contrastive_scale=1.0)["contrastive"], full["contrastive"])
+    with pytest.raises(ValueError, match="contrastive_scale -0.1 must be >= 0"):
+        moelora_aux_losses(model, contrastive_scale=-0.1)
+
+
 def per_layer_losses_written_out(layer, tau, floor=moelora.COSINE_NORM_FLOOR):
     """One layer's balance, contrastive and router z-losses (unweighted) from what its forward kept, written out the
     long way: z = B_e A_e x for each sampled pair, cosines by hand, sums over experts and anchors as loops."""
-    inputs, N, r = layer.loss_inputs, layer.config.num_experts, layer.config.r
+    inputs, N, r = layer._loss_inputs, layer.config.num_experts, layer.config.r
     M = inputs.logits.shape[0]
     real = torch.ones(M, dtype=torch.bool) if inputs.real is None else inputs.real
     probs = inputs.logits.float().softmax(-1)[real]  # [m, N]
@@ -411,17 +433,17 @@ def test_contrastive_pairs_drawn_once_per_forward_for_all_layers():
     layers = [layer for _, layer in moelora.moelora_layers(model)]
     x = torch.randn(2, 8, 16)
     draws = []
-    real_draw = moelora.draw_pairs
+    real_draw = moelora._draw_pairs
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(moelora, "draw_pairs", lambda *a: draws.append(1) or real_draw(*a))
+        mp.setattr(moelora, "_draw_pairs", lambda *a: draws.append(1) or real_draw(*a))
         model(x)
         assert len(draws) == 1  # one draw for the forward, not one per layer
-        assert all(layer.last_pairs is layers[0].last_pairs for layer in layers)
-        assert [layer.drew_pairs for layer in layers] == [True] + [False] * (len(layers) - 1)
-        first = layers[0].last_pairs[0]
+        assert all(layer._last_pairs is layers[0]._last_pairs for layer in layers)
+        assert [layer._drew_pairs for layer in layers] == [True] + [False] * (len(layers) - 1)
+        first = layers[0]._last_pairs[0]
         moelora_aux_losses(model)  # the losses are taken: the next forward draws anew
         model(x)
-        assert len(draws) == 2 and not torch.equal(layers[0].last_pairs[0], first)
+        assert len(draws) == 2 and not torch.equal(layers[0]._last_pairs[0], first)
 
 
 def test_routing_stats():
@@ -700,9 +722,9 @@ def test_token_mask_errors_and_scope():
     layers = [layer for _, layer in moelora.moelora_layers(model)]
     with pytest.raises(RuntimeError, match="boom"):  # an error inside the with still restores the layers
         with moelora.moelora_token_mask(model, mask):
-            assert all(layer.token_mask is mask for layer in layers)
+            assert all(layer._token_mask is mask for layer in layers)
             raise RuntimeError("boom")
-    assert all(layer.token_mask is None for layer in layers)
+    assert all(layer._token_mask is None for layer in layers)
     model(x)
     assert all(s["tokens"] == 12 for s in moelora_routing_stats(model).values())  # outside: all tokens, as before
 
@@ -776,12 +798,12 @@ def test_checkpointing_rerun_keeps_no_loss_graph():
     tokens = torch.randint(1, 64, (3, 10))
     _, loss = model(tokens, tokens)
     layers = [layer for _, layer in moelora.moelora_layers(model)]
-    before = [layer.loss_inputs for layer in layers]
+    before = [layer._loss_inputs for layer in layers]
     assert all(inputs is not None and inputs.codes is not None for inputs in before)
     (loss + sum(moelora_aux_losses(model).values())).backward()
     assert all(layer.lora_B.grad.abs().sum() > 0 and layer.router.weight.grad.abs().sum() > 0 for layer in layers)
     for layer, inputs in zip(layers, before):
-        assert layer.loss_inputs is inputs
+        assert layer._loss_inputs is inputs
 
 
 def test_torch_compile_with_a_token_mask_one_graph():

@@ -131,7 +131,7 @@ def test_a_layer_that_its_parent_bypasses_is_reported():
 
     model = inject_moelora(Fused(), config(("up", "down")))
     model(torch.randn(2, 3, 16))
-    assert not model.up.has_run and model.down.has_run
+    assert not model.up._has_run and model.down._has_run
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = moelora_aux_losses(model)
