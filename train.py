@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data.batches import collate
 from data.grading import EVAL_KINDS, answer_reader, infer_kind
 from data.mixtures import format_mixture_report, load_mixture, load_test_sets, overlaps
 from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, eval_prompt_tokens, tokenize_dataset
@@ -603,19 +604,6 @@ def contrastive_ramp(args, step: int) -> float:
     """The share of --contrastive_weight used at step `step` (0-based): (step + 1) / --contrastive_warmup, capped
     at 1. The layers hold the full weight; the training loop scales their loss by this."""
     return 1.0 if args.contrastive_warmup == 0 else min(1.0, (step + 1) / args.contrastive_warmup)
-
-
-def collate(pairs, pad_id: int, device):
-    """[(tokens, labels)] -> tokens, labels, real [B, T]: right-padded (labels with IGNORE_INDEX), and True where
-    a token is real (not padding: the pad id may also be a real token's id, so the lengths decide)."""
-    T = max(len(t) for t, _ in pairs)
-    tokens = torch.full((len(pairs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (t, l) in enumerate(pairs):
-        tokens[i, :len(t)] = torch.tensor(t)
-        labels[i, :len(l)] = torch.tensor(l)
-    real = torch.arange(T)[None, :] < torch.tensor([len(t) for t, _ in pairs])[:, None]
-    return tokens.to(device), labels.to(device), real.to(device)
 
 
 def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, saved_step):

@@ -35,7 +35,7 @@ from data.prompts import eval_prompt_tokens  # noqa: E402
 from data.tasks import FAMILIES, find_data_dir  # noqa: E402
 from moelora import moelora_layers, moelora_token_mask  # noqa: E402
 from routing import entropy_bits, load_run, mutual_information_bits  # noqa: E402
-from train import collate  # noqa: E402
+from data.batches import collate  # noqa: E402
 
 ROUTING_EXAMPLES = 200  # prompts per benchmark at most
 

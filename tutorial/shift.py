@@ -331,7 +331,7 @@ def routers_as(model, weights: dict):
 @torch.no_grad()
 def answer_loss_of(model, pairs, pad_id, batch_size=32):
     """Mean cross-entropy of the reference solutions given the prompts, over all their target tokens."""
-    from train import collate
+    from data.batches import collate
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
