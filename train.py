@@ -11,13 +11,12 @@ Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task
 Three presets hold the defaults that depend on the model's size: tiny for a base under 100M parameters (the built-in
 1.3M one, or stories260K), small_cpu for one under 1B on a CPU (SmolLM2-135M) and llama-7b otherwise; see PRESETS below. Flags given on the command line win.
 
-Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step), then
-evaluation. The plumbing that is not a loop lives beside this file: runs.py (processes, precision, out_dir,
-checkpoints that resume exactly, stop signals) and tiny_base.py (the built-in base).
+Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step). Beside this
+file: evaluate.py grades (generation, answer extraction, the result files), runs.py is the plumbing that is not a
+loop (processes, precision, out_dir, checkpoints that resume exactly, stop signals) and tiny_base.py the built-in base.
 """
 import argparse
 import contextlib
-import json
 import math
 import random
 import re
@@ -33,10 +32,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.batches import collate
-from data.grading import EVAL_KINDS, answer_reader, infer_kind
-from data.mixtures import format_mixture_report, load_mixture, load_test_sets, overlaps
-from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, eval_prompt_tokens, tokenize_dataset
-from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
+from data.grading import EVAL_KINDS
+from data.mixtures import format_mixture_report, load_mixture, overlaps
+from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, tokenize_dataset
+from data.tasks import ALL_TASKS, FAMILIES, DataError, find_data_dir, load_split
+from evaluate import grade, load_tests, mean_target_loss
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
 from quantize import quantize_int8
@@ -267,7 +267,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
 
     data_dir = find_data_dir(args.data_dir)
-    tests, missing = load_tests(args, run, data_dir)
+    tests, missing, graded_as = load_tests(args, run.log, data_dir)
     train_examples = [] if args.eval_only else load_training_examples(args, run, data_dir, tests)
     if args.eval_limit:
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
@@ -315,17 +315,12 @@ def main(argv=None):
         step = 0
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
-    # every process grades a share of each benchmark; rank 0 writes the files, each saying what it graded and which
-    # run (run.json) it comes from
+    # every result file says what it graded and which run (run.json) it comes from
     record = {"run_id": info["run_id"], "step": step, "base": args.base, "model": args.model or "built-in tiny",
               "method": args.method, "quantize": args.quantize, "autocast": str(amp_dtype).removeprefix("torch."),
               "adapter": None if args.method == "full" else asdict(moelora_config_from(args)),
               "code": info["code"]}
-    results = {task: grade_benchmark(args, run, raw_model, tok, task, examples, record) for task, examples in tests.items()}
-    if len(tests) > 1 or missing:
-        write_results(args.task, args, run, results, missing, record)
-    if args.method == "moelora" and len(tests) > 1:
-        run.log(f"which experts each benchmark's questions go to: python tutorial/routing_per_task.py {run.out_dir}")
+    results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -351,24 +346,6 @@ class TrainSet:
     pairs: list  # (tokens, labels) per example
     sources: list  # the index in names of each example's source
     names: list  # the sources: one task, a training file, or the tasks of a family's mixture
-
-
-def load_tests(args, run: Run, data_dir):
-    """({benchmark: test examples}, {benchmark: why it is missing}), whole: --eval_limit applies after the training
-    set is checked against them. Of a family or an --eval_tasks list, a missing benchmark is reported, not fatal."""
-    try:
-        tests, missing = load_test_sets(args.task, args.eval_tasks, args.eval_file, data_dir)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    if args.eval_file and args.eval_kind is None:
-        args.eval_kind, why = infer_kind([ex["answer"] for ex in tests[eval_name(args)]])
-        run.log(f"--eval_file {args.eval_file} is graded as --eval_kind {args.eval_kind}: {why}")
-    return tests, missing
-
-
-def eval_name(args) -> str:
-    """The name of --eval_file's results: the file's name without its extension."""
-    return Path(args.eval_file).stem
 
 
 def load_training_examples(args, run: Run, data_dir, tests: dict) -> list:
@@ -523,7 +500,7 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint
 def validation_loss(args, run: Run, model, raw_model, val_set, pad_id: int, step: int) -> float:
     """--eval_interval: the answer loss on the held-out examples, logged to metrics.jsonl."""
     model.eval()
-    loss = mean_target_loss(args, run, raw_model, val_set, pad_id)
+    loss = mean_target_loss(run, raw_model, val_set, pad_id, args.eval_batch_size)
     model.train()
     run.log_jsonl({"step": step, "val_loss": loss})
     run.log(f"step {step}: validation loss {loss:.4f} ({len(val_set)} held-out examples)")
@@ -647,133 +624,6 @@ def per_source_losses(run: Run, names: list, per_source):
         dist.all_reduce(per_source)
     totals, counts = per_source.tolist()
     return {name: total / n for name, total, n in zip(names, totals, counts) if n}
-
-
-# -----------------------------------------------------------------------------------------------------
-# evaluation: greedy generation with the KV cache, graded as LLM-Adapters grades; the answer loss; a table of
-# the benchmarks. Every process grades a share of the batches.
-
-COMMONSENSE_NEW_TOKENS = 32  # LLM-Adapters' commonsense_evaluate.py: the answer is one word
-
-
-def grade_benchmark(args, run: Run, model, tok, task: str, examples, record: dict) -> dict:
-    """Accuracy (and, for GSM8K, the answer loss) on one benchmark; rank 0 writes its predictions and metrics."""
-    model.eval()
-    # only GSM8K's test set has written reference solutions; the LLM-Adapters files' "output" fields were
-    # generated by a model, so no answer loss is reported for the other benchmarks. Your own file's are yours
-    own = args.eval_file is not None and task == eval_name(args)
-    with_outputs = task == "gsm8k" or (own and all(ex["output"].strip() for ex in examples))
-    loss = answer_loss(args, run, model, tok, examples) if with_outputs else None
-    responses, n_cut = generate_responses(args, run, model, tok, task, examples)
-    extract, correct = answer_reader(args.eval_kind if own else task, [ex["answer"] for ex in examples])
-    right = [correct(text, ex["answer"]) for ex, text in zip(examples, responses)]
-    metrics = {"task": task, "accuracy": sum(right) / len(examples), "correct": sum(right), "n": len(examples),
-               "answer_loss": loss, "answer_perplexity": math.exp(loss) if loss is not None else None,
-               "prompts_cut": n_cut, "graded_as": args.eval_kind if own else task, **record}
-    predictions = run.out_dir / f"predictions_{graded_name(task, args)}.jsonl"
-    if run.rank == 0:
-        with open(predictions, "w") as f:
-            for ex, text, ok in zip(examples, responses, right):
-                f.write(json.dumps({"run_id": record["run_id"], "instruction": ex["instruction"], "prediction": text,
-                                    "extracted": extract(text), "answer": ex["answer"], "correct": ok}) + "\n")
-        (run.out_dir / f"metrics_{graded_name(task, args)}.json").write_text(json.dumps(metrics, indent=2))
-    loss_text = f", answer loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else ""
-    cut_text = f" ({n_cut} prompts longer than the context allows lost their beginning)" if n_cut else ""
-    run.log(f"{task}: accuracy {metrics['accuracy']:.2%} ({metrics['correct']}/{metrics['n']}){loss_text}{cut_text}; "
-            f"predictions in {predictions}")
-    return metrics
-
-
-def answer_loss(args, run: Run, model, tok, examples) -> float:
-    """Mean cross-entropy of the reference solutions given the prompt (teacher forcing)."""
-    pairs, _, _ = tokenize_dataset(tok, examples, model.args.max_seq_len, args.prompt_format)
-    return mean_target_loss(args, run, model, pairs, tok.pad_id)
-
-
-@torch.no_grad()
-def mean_target_loss(args, run: Run, model, pairs, pad_id: int) -> float:
-    """The cross-entropy per target token of (tokens, labels) pairs, over all processes' shares of the batches."""
-    parts = []
-    for b, i in my_batches(len(pairs), args.eval_batch_size, run):
-        x, y, _ = collate(pairs[i:i + args.eval_batch_size], pad_id, run.device)
-        with run.autocast():
-            _, loss = model(x, y)
-        parts.append((b, loss.item(), int((y != IGNORE_INDEX).sum())))
-    loss_sum, n_tok = 0.0, 0
-    for _, loss, n in sorted(gather(run, parts)):  # summed in batch order: the same float for any world size
-        loss_sum, n_tok = loss_sum + loss * n, n_tok + n
-    return loss_sum / max(1, n_tok)
-
-
-@torch.no_grad()
-def generate_responses(args, run: Run, model, tok, task: str, examples) -> tuple:
-    """(the decoded response to each example's prompt, in the examples' order; how many prompts were cut)."""
-    new_tokens = args.max_new_tokens if task not in COMMONSENSE_TASKS else min(args.max_new_tokens, COMMONSENSE_NEW_TOKENS)
-    # every prompt keeps room for its whole answer: a longer one loses its beginning (the template's opening and
-    # the start of the question), keeping the end with the choices and "### Response:". Only a small context
-    # meets this (some commonsense prompts pass 800 tokens; the tiny model reads 512)
-    room = max(model.args.max_seq_len - new_tokens, model.args.max_seq_len // 2)
-    prompts = [eval_prompt_tokens(tok, ex, args.prompt_format) for ex in examples]
-    n_cut = sum(len(p) > room for p in prompts)
-    prompts = [p[-room:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-    mine = my_batches(len(order), args.eval_batch_size, run)
-    responses = []
-    for _, i in tqdm(mine, desc=f"eval {task}", disable=run.rank != 0, dynamic_ncols=True):
-        idx = order[i:i + args.eval_batch_size]
-        budget = min(new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
-        with run.autocast():
-            outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
-        responses += [(j, tok.decode(o)) for j, o in zip(idx, outs)]
-    return [text for _, text in sorted(gather(run, responses))], n_cut
-
-
-def my_batches(n_items: int, batch_size: int, run: Run):
-    """(batch number, start) of the batches this process grades: batch b goes to rank b % world_size. The batches
-    are those one process would make, so the results do not depend on the number of processes."""
-    return [(b, i) for b, i in enumerate(range(0, n_items, batch_size)) if b % run.world_size == run.rank]
-
-
-def gather(run: Run, items: list) -> list:
-    """Every process's items, concatenated (on every process)."""
-    if run.world_size == 1:
-        return items
-    everyone = [None] * run.world_size
-    dist.all_gather_object(everyone, items)
-    return [item for part in everyone for item in part]
-
-
-def graded_name(name: str, args) -> str:
-    """The name of a grading's files: a subset (--eval_limit N) gets its own, so it never replaces a full grading."""
-    return f"{name}_first{args.eval_limit}" if args.eval_limit else name
-
-
-def results_table(name: str, args, results: dict, missing: dict) -> str:
-    """A Markdown table in the paper's layout: one row for this run, a column per benchmark, then the average."""
-    tasks = list(results) + [t for t in missing if t not in results]
-    graded = [r["accuracy"] for r in results.values()]
-    average = 100 * sum(graded) / len(graded) if graded else float("nan")
-    cells = [f"{100 * results[t]['accuracy']:.1f} ({results[t]['correct']}/{results[t]['n']})" if t in results
-             else "missing" for t in tasks]
-    model = args.model or "built-in tiny"
-    lines = [f"| model | method | {' | '.join(tasks)} | average |", "| --- | --- |" + " ---: |" * (len(tasks) + 1),
-             f"| {model} | {args.method} | {' | '.join(cells)} | {average:.1f} |"]
-    if missing:
-        lines.append(f"\n{name}: the average is over the {len(results)} graded benchmarks; missing: "
-                     + "; ".join(f"{t} ({why})" for t, why in missing.items()))
-    return "\n".join(lines)
-
-
-def write_results(name: str, args, run: Run, results: dict, missing: dict, record: dict):
-    """results_<name>.json and .md in out_dir (rank 0), and the table in the log."""
-    table = results_table(name, args, results, missing)
-    graded = [r["accuracy"] for r in results.values()]
-    if run.rank == 0:
-        summary = {"task": name, **record, "benchmarks": results, "missing": missing,
-                   "average_accuracy": sum(graded) / len(graded) if graded else None}
-        (run.out_dir / f"results_{graded_name(name, args)}.json").write_text(json.dumps(summary, indent=2))
-        (run.out_dir / f"results_{graded_name(name, args)}.md").write_text(table + "\n")
-    run.log(table)
 
 
 if __name__ == "__main__":

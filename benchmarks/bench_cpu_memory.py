@@ -189,6 +189,7 @@ class Meter:
 def run_child(spec: dict):
     """Run train.main(spec["argv"]) with a mark after each phase; print the phases as one JSON line."""
     import checkpoints
+    import evaluate
     import train
     meter, facts, seen = Meter(spec["sample_ms"] / 1000), {}, set()
 
@@ -247,8 +248,8 @@ def run_child(spec: dict):
     train.forward_backward = tallied
     mark_after(train, "optimizer_step", "step")
     mark_after(train, "save_checkpoint", "save")
-    mark_after(train, "answer_loss", "answer loss")
-    mark_after(train, "generate_responses", "generation")
+    mark_after(evaluate, "answer_loss", "answer loss")
+    mark_after(evaluate, "generate_responses", "generation")
     t0 = time.time()
     if spec.get("load_only"):
         from model import Transformer

@@ -16,12 +16,14 @@ import torch
 
 from conftest import ROOT, shared_path
 
+import evaluate
 import moelora
 import runs
 import train
-from data.prompts import tokenize_dataset
+from data.prompts import eval_prompt_tokens, tokenize_dataset
 from data.tasks import load_split
-from moelora import MoELoRAConfig
+from model import Transformer
+from moelora import MoELoRAConfig, inject_moelora
 from tokenizer import Tokenizer
 
 sys.path.insert(0, str(ROOT / "tutorial"))
@@ -359,12 +361,12 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     # one dimension and point two experts along it. Their tokens then never share a top-1 expert, and
     # I(task; expert) must equal H(task); routers that ignore that dimension must give 0.
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
-    model = train.Transformer.from_pretrained(shared_path("models/stories260K-hf"))
-    train.inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
+    model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
     tests = {"a": [{"instruction": "cat dog cat", "input": "", "output": "", "answer": "1"}] * 3,
              "b": [{"instruction": "sun moon sun moon", "input": "", "output": "", "answer": "2"}] * 2}
-    spans = routing_per_task.question_spans([train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
-    prompts = [train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs]
+    spans = routing_per_task.question_spans([eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
+    prompts = [eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs]
     ids = {t: {prompts[i][j] for i in rows for j in range(*spans[i])} for t, rows in (("a", range(3)), ("b", range(3, 5)))}
     assert ids["a"] and ids["b"] and not ids["a"] & ids["b"]
     with torch.no_grad():
@@ -638,13 +640,13 @@ def test_the_docs_use_flags_that_exist(capsys):
 def test_a_prompt_longer_than_the_context_is_cut_and_counted():
     # some commonsense prompts pass 800 tokens; stories260K reads 512: the prompt keeps its end and the answer room
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
-    model = train.Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
     run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
     args = train.parse_args(["--max_new_tokens", "8", "--eval_batch_size", "2"])
     examples = [{"instruction": "Once upon a time " * 200 + "Answer format: true/false", "input": "", "output": "",
                  "answer": "true"}, {"instruction": "Is the sky blue?", "input": "", "output": "", "answer": "true"}]
-    assert len(train.eval_prompt_tokens(tok, examples[0])) > 512
-    responses, n_cut = train.generate_responses(args, run, model, tok, "boolq", examples)
+    assert len(eval_prompt_tokens(tok, examples[0])) > 512
+    responses, n_cut = evaluate.generate_responses(args, run, model, tok, "boolq", examples)
     assert n_cut == 1 and len(responses) == 2
 
 
@@ -838,8 +840,8 @@ def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
     assert {e["instruction"] for e in kept}.isdisjoint({e["instruction"] for e in held})
     args.seed = 5  # the same slice for every seed
     assert train.hold_out(args, r, examples)[1] == held
-    pairs = train.tokenize_dataset(tok, held, args.max_seq_len)[0]
-    assert train.mean_target_loss(args, r, model.eval(), pairs, tok.pad_id) == pytest.approx(val[6], rel=1e-5)
+    pairs = tokenize_dataset(tok, held, args.max_seq_len)[0]
+    assert evaluate.mean_target_loss(r, model.eval(), pairs, tok.pad_id, args.eval_batch_size) == pytest.approx(val[6], rel=1e-5)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, capsys):
