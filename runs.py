@@ -2,7 +2,8 @@
 A training run's plumbing, apart from its loops (train.py): which process this is and how it computes, the
 out_dir and its files, checkpoints that resume exactly, and stopping on a signal without losing work.
 
-    Run, setup_distributed, setup_precision, all_reduce_sum     the run's context: rank, device, precision
+    Run, Precision, setup_precision, setup_distributed        the run's context: rank, device, precision (also
+                                                              sample.py's), all_reduce_sum
     check_out_dir, prepare_out_dir, move_run_aside            never replace earlier work unasked
     run_info, settings_from_run, check_against_the_run        run.json: what a run is; --eval_only and --resume
                                                               open it again with its base, adapter and prompt
@@ -39,19 +40,44 @@ from moelora import load_moelora_state_dict, moelora_state_dict, save_moelora
 RUN_JSON = "run.json"  # what a run was: every setting, the base, the data, the code; written before its first step
 
 
-@dataclass
-class Run:
-    rank: int  # this process (torchrun's RANK); rank 0 logs, saves and grades
-    world_size: int  # processes under torchrun, else 1
+@dataclass(frozen=True)
+class Precision:
+    """Where a model computes and in which dtype: chosen by setup_precision, for training, grading and sample.py."""
     device: str
     amp_dtype: torch.dtype  # autocast dtype; float32 means no autocast
-    scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only
-    out_dir: Path
 
     def autocast(self):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
+
+    def weights_dtype(self, method: str) -> torch.dtype:
+        """A frozen base is stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights."""
+        return torch.float32 if method == "full" else self.amp_dtype
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16, whose narrow exponent range would let small gradients underflow; off otherwise."""
+        return torch.amp.GradScaler(self.device.split(":")[0], enabled=self.amp_dtype == torch.float16)
+
+
+@dataclass
+class Run:
+    rank: int  # this process (torchrun's RANK); rank 0 logs, saves and grades
+    world_size: int  # processes under torchrun, else 1
+    precision: Precision
+    scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only
+    out_dir: Path
+
+    @property
+    def device(self) -> str:
+        return self.precision.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return self.precision.amp_dtype
+
+    def autocast(self):
+        return self.precision.autocast()
 
     def log(self, msg: str):
         if self.rank == 0:
@@ -63,12 +89,17 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
 
-def setup_distributed(args):
-    """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise (nanoGPT's way)."""
+def default_device(device=None) -> str:
+    """--device as given, else cuda where torch has a GPU, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_distributed(device=None):
+    """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise (nanoGPT's way),
+    on --device (default_device). Each process of torchrun takes the GPU of its local rank."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+        return 0, 1, default_device(device)
+    cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if cuda else 0
     if cuda and per_node > gpus:  # each process takes the GPU of its local rank: some would find none
         raise SystemExit(f"error: torchrun started {per_node} processes on this node, which has {gpus} GPU(s): use "
@@ -81,10 +112,12 @@ def setup_distributed(args):
     return rank, dist.get_world_size(), device
 
 
-def setup_precision(dtype: str, device: str):
-    """(autocast dtype, gradient scaler). auto: on CUDA, bf16 autocast where the GPU supports it, else fp16, whose
-    narrow exponent range needs the loss scaled so that small gradients do not underflow; on CPU, float32. bf16
-    and fp16 given explicitly also work on the CPU (slowly): that is how CI exercises these branches."""
+def setup_precision(dtype: str = "auto", device=None) -> Precision:
+    """The device (default_device) and the autocast dtype, for training, grading and sample.py alike. auto: on CUDA,
+    bf16 autocast where the GPU supports it, else fp16, whose narrow exponent range needs the loss scaled
+    (Precision.grad_scaler); on CPU, float32. bf16 and fp16 given explicitly also work on the CPU (slowly): that is
+    how CI exercises these branches."""
+    device = default_device(device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -98,7 +131,7 @@ def setup_precision(dtype: str, device: str):
     if amp_dtype == torch.bfloat16 and not cuda and cpu_has_native_bf16() is False:
         tqdm.write("WARNING: --dtype bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16): torch falls back to "
                    "a slow path, 150x float32's time for a 2048-wide matmul on an AVX2 CPU (measured). Use --dtype fp32")
-    return amp_dtype, torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
+    return Precision(device, amp_dtype)
 
 
 def cpu_has_native_bf16():

@@ -27,7 +27,7 @@ from data.prompts import eval_prompt_tokens
 from data.tasks import DataError, read_text
 from model import Transformer
 from moelora import MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_layers
-from runs import base_fingerprint
+from runs import base_fingerprint, setup_precision
 from tokenizer import Tokenizer
 
 COLOURS = [41, 42, 43, 44, 45, 46, 47, 100, 101, 102, 103, 104, 105, 106, 107]  # ANSI backgrounds, one per expert
@@ -129,9 +129,10 @@ def read_checkpoint(out_dir: Path) -> dict:
     return ckpt
 
 
-def load_model(args, ckpt: dict, device: str, dtype):
+def load_model(args, ckpt: dict, precision):
     """(the run's base with its trained weights, or without them for --no_adapter, in eval mode; tokenizer)."""
     config, out_dir = ckpt["config"], Path(args.out_dir)
+    device, dtype = precision.device, precision.amp_dtype
     base = Path(args.model or config.get("base") or config["model"])
     if not args.model and not base.exists() and (out_dir / base.name).exists():
         base = out_dir / base.name  # the built-in tiny base is built inside out_dir: the run was moved with it
@@ -184,7 +185,7 @@ def load_trained(model, ckpt: dict, out_dir: Path, base: Path) -> str:
 
 
 def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: float, top_p: float, generator,
-                  dtype, out=None) -> tuple:
+                  precision, out=None) -> tuple:
     """Continue prompt (token ids) with model.generate, writing the text as it grows. Returns (the new ids, ending
     with EOS if the model stopped; seconds from the call to the first token (the prefill); seconds from the first
     token to the last (the decoding))."""
@@ -206,7 +207,7 @@ def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: fl
             out.flush()
             shown = text
     start = time.perf_counter()
-    with torch.autocast(model.freqs_cos.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with precision.autocast():
         answer = model.generate([prompt], max_new_tokens, temperature, top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                 generator=generator, on_token=show)[0]
     text = tok.decode(answer)
@@ -237,12 +238,11 @@ def cut_by(answer: list, eos_id: int, max_new_tokens: int, n_prompt: int, max_se
 
 
 @torch.inference_mode()
-def top1_experts(model, ids: list, dtype):
+def top1_experts(model, ids: list, precision):
     """(layer names, [T, layers] int64: each token's top-1 expert in each adapted layer) from one forward over ids."""
     layers = moelora_layers(model)
-    device = model.freqs_cos.device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        model(torch.tensor([ids], device=device))
+    with precision.autocast():
+        model(torch.tensor([ids], device=precision.device))
     # last_top_idx: [T, k], the k chosen experts by falling gate; column 0 is the top-1
     return [name for name, _ in layers], torch.stack([layer.last_top_idx[:, 0] for _, layer in layers], 1).cpu()
 
@@ -336,12 +336,9 @@ def main(argv=None):
     if args.routing_png:
         check_routing_png(args.routing_png)
     questions = read_questions(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32  # on a GPU, bf16 (or fp16) weights under autocast, as train.py
-    if device == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    model, tok = load_model(args, ckpt, device, dtype)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    precision = setup_precision()  # as train.py's --dtype auto: on a GPU, bf16 (or fp16) weights under autocast
+    model, tok = load_model(args, ckpt, precision)
+    generator = torch.Generator(precision.device).manual_seed(args.seed)
     fmt = prompt_format(ckpt["config"], tok, args.no_adapter)
     prompts = [eval_prompt_tokens(tok, {"instruction": q, "input": args.input}, fmt) for q in questions]  # BOS + template
     for i, prompt in enumerate(prompts):  # all of them before the first answer
@@ -355,12 +352,12 @@ def main(argv=None):
             print(f"> {q}")
         budget = min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
         answer, first_s, rest_s = stream_answer(model, tok, prompt, budget, args.temperature, args.top_p, generator,
-                                                dtype)
+                                                precision)
         cut = cut_by(answer, tok.eos_id, args.max_new_tokens, len(prompt), model.args.max_seq_len)
         print(answer_stats(len(answer), first_s, rest_s, cut), file=sys.stderr)
         top1 = None  # [T, layers] with --routing
         if args.routing:
-            names, top1 = top1_experts(model, prompt + answer, dtype)
+            names, top1 = top1_experts(model, prompt + answer, precision)
             pieces = [tok.piece(i).replace("\n", "\\n") for i in prompt + answer]  # "▁" or "Ġ" marks a space
             print_routing(pieces, len(prompt), names, top1, num_experts, sys.stdout.isatty())
             if args.routing_png:

@@ -43,9 +43,9 @@ from quantize import quantize_int8
 from moelora import (GATES, MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
                      moelora_routing_stats, moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
-                  check_out_dir, keep_best, keep_checkpoint, load_checkpoint, plot_curves, prepare_out_dir,
-                  resume_from_checkpoint, run_info, save_checkpoint, settings_from_run, setup_distributed,
-                  setup_precision, stop_non_finite, stop_requested)
+                  check_out_dir, default_device, keep_best, keep_checkpoint, load_checkpoint, plot_curves,
+                  prepare_out_dir, resume_from_checkpoint, run_info, save_checkpoint, settings_from_run,
+                  setup_distributed, setup_precision, stop_non_finite, stop_requested)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
 from tokenizer import Tokenizer
 
@@ -156,7 +156,7 @@ def parse_args(argv=None):
         base = Transformer(shape)
     n_params = sum(p.numel() for p in base.parameters())
     args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters"
-    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    on_cpu = default_device(args.device) == "cpu"
     args.preset = args.preset or ("tiny" if n_params < SMALL_BASE else "small_cpu" if n_params < CPU_BASE and on_cpu
                                   else "llama-7b")
     args.preset_why += ", on a CPU" * (args.preset == "small_cpu")
@@ -247,9 +247,9 @@ def moelora_config_from(args) -> MoELoRAConfig:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args)
-    amp_dtype, scaler = setup_precision(args.dtype, device)
-    run = Run(rank, world_size, device, amp_dtype, scaler, Path(args.out_dir))
+    rank, world_size, device = setup_distributed(args.device)
+    precision = setup_precision(args.dtype, device)
+    run = Run(rank, world_size, precision, precision.grad_scaler(), Path(args.out_dir))
     check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
     for change in args.changed_from_run:
         run.log(f"--resume: {change}")
@@ -282,9 +282,8 @@ def main(argv=None):
             build_tiny_base(model_path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
         if world_size > 1:
             dist.barrier()  # the other processes wait for rank 0 to build the tiny base
-    # a frozen base can be stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights
     args.base = str(model_path)  # saved with the config: where the base came from (the tiny base's cache without --model)
-    model, tok = load_base(args, run, model_path, amp_dtype if args.method != "full" else torch.float32)
+    model, tok = load_base(args, run, model_path, precision.weights_dtype(args.method))
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
     fingerprint = base_fingerprint(raw_model)
 
@@ -317,7 +316,7 @@ def main(argv=None):
 
     # every result file says what it graded and which run (run.json) it comes from
     record = {"run_id": info["run_id"], "step": step, "base": args.base, "model": args.model or "built-in tiny",
-              "method": args.method, "quantize": args.quantize, "autocast": str(amp_dtype).removeprefix("torch."),
+              "method": args.method, "quantize": args.quantize, "autocast": str(run.amp_dtype).removeprefix("torch."),
               "adapter": None if args.method == "full" else asdict(moelora_config_from(args)),
               "code": info["code"]}
     results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)

@@ -173,8 +173,8 @@ def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     assert str(error.value) == (f"error: --quantize none, but the run in {tmp_path / 'split'} has --quantize int8 ("
                                 f"{tmp_path / 'split' / 'run.json'}): leave those flags out (they come from the run), or "
                                 "choose another --out_dir")
-    model, _ = train.load_base(train.parse_args(small_run(tmp_path, *common)), train.Run(0, 1, "cpu", torch.float32,
-                               None, tmp_path), shared_path("models/stories260K-hf"), torch.float32)
+    model, _ = train.load_base(train.parse_args(small_run(tmp_path, *common)), runs.Run(
+        0, 1, runs.Precision("cpu", torch.float32), None, tmp_path), shared_path("models/stories260K-hf"), torch.float32)
     assert isinstance(model.layers[0].attention.wq.base_layer, Int8Linear) and isinstance(model.layers[0].feed_forward.w1, Int8Linear)
     floats = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and "router" not in name]
     assert floats == (["output"] if model.args.tie_word_embeddings else [])  # a tied one is kept, not stored twice
@@ -420,10 +420,8 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    args = train.parse_args(["--device", "cpu"])
-    args.device = None  # what a GPU machine's defaults would give
     with pytest.raises(SystemExit, match="started 2 processes on this node, which has 1 GPU.*--nproc_per_node 1"):
-        train.setup_distributed(args)
+        runs.setup_distributed(None)  # no --device: what a GPU machine's defaults would give
 
 
 def test_cuda_asked_on_a_cpu_only_torch():  # conftest hides any GPU, so this runs on every machine
@@ -518,10 +516,10 @@ STUCK_IN_NATIVE_CODE = """
 import sys, time
 from pathlib import Path
 import torch
-from runs import Run, catch_stop_signals
+from runs import Precision, Run, catch_stop_signals
 torch.set_num_threads(1)
 a = torch.randn(10000, 10000)
-with catch_stop_signals(Run(0, 1, "cpu", torch.float32, None, Path("."))) as stop:
+with catch_stop_signals(Run(0, 1, Precision("cpu", torch.float32), None, Path("."))) as stop:
     print("ready", flush=True)
     start = time.time()
     a @ a  # one C++ call of 2 TFLOP: tens of seconds in which no Python signal handler can run
@@ -641,7 +639,7 @@ def test_a_prompt_longer_than_the_context_is_cut_and_counted():
     # some commonsense prompts pass 800 tokens; stories260K reads 512: the prompt keeps its end and the answer room
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
     model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
-    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    run = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cuda", enabled=False), None)
     args = train.parse_args(["--max_new_tokens", "8", "--eval_batch_size", "2"])
     examples = [{"instruction": "Once upon a time " * 200 + "Answer format: true/false", "input": "", "output": "",
                  "answer": "true"}, {"instruction": "Is the sky blue?", "input": "", "output": "", "answer": "true"}]
@@ -705,7 +703,7 @@ def test_gradient_clipping_caps_the_norm_of_the_step(clip, expected_norm):
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.full((4,), 10.0)  # norm 20
     optimizer = torch.optim.SGD([p], lr=1.0)
-    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    run = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cuda", enabled=False), None)
     args = train.parse_args(["--grad_clip", str(clip)])
     train.optimizer_step(args, run, optimizer, [p], {"lm": 1.0, "contrastive": 0.0, "balance": 0.0}, 0, None)
     assert p.detach().norm().item() == pytest.approx(expected_norm, rel=1e-5)
@@ -831,7 +829,7 @@ def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
     assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["step_0000007.pt", "step_0000008.pt"]
     # the validation loss is the answer loss of the held-out examples under the saved weights (best/: step 6)
     args = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2"))
-    r = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
+    r = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
     model, tok = train.load_base(args, r, shared_path("models/stories260K-hf"), torch.float32)
     train.load_checkpoint(run / "best" / "ckpt.pt", model, args, train.base_fingerprint(model))
     examples = train.load_training_examples(args, r, shared_path("data"), {})
