@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.prompts import PROMPT_FORMATS
-from moelora import load_moelora_state_dict, moelora_state_dict, save_moelora
+from model import Transformer
+from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_state_dict,
+                     save_moelora)
+from quantize import quantize_int8
+from tokenizer import Tokenizer
 
 
 RUN_JSON = "run.json"  # what a run was: every setting, the base, the data, the code; written before its first step
@@ -256,21 +260,6 @@ def read_run_json(out_dir: Path):
         raise SystemExit(f"error: cannot read {path} ({e}): repair it, or delete it to fall back on ckpt.pt's settings")
 
 
-def read_run_settings(out_dir: Path):
-    """(the settings a run in out_dir recorded, the file they come from), or None when out_dir holds no run: run.json,
-    else (a run of an older version) the config inside ckpt.pt."""
-    recorded = read_run_json(out_dir)
-    if recorded is not None:
-        return recorded["settings"], out_dir / RUN_JSON
-    if (out_dir / "ckpt.pt").is_file():
-        try:  # mmap: a --method full checkpoint holds the whole model, of which only the config is read here
-            return torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"], out_dir / "ckpt.pt"
-        except Exception as e:
-            raise SystemExit(f"error: cannot read checkpoint {out_dir / 'ckpt.pt'} ({str(e).splitlines()[0]}); it may be "
-                             "truncated or not a checkpoint: delete it or choose another --out_dir")
-    return None
-
-
 # --- run.json: what a run is, and opening it again (--eval_only, --resume)
 
 # what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
@@ -284,10 +273,10 @@ def settings_from_run(args, given: set):
     every setting not given again. A flag given with a value other than the run's is one line naming both, where the
     run is defined by it; elsewhere (--lr, --max_steps...) the new value wins, and main logs it."""
     args.changed_from_run, args.run_base = [], None
-    found = read_run_settings(Path(args.out_dir)) if args.eval_only or args.resume else None
-    if found is None:
+    saved = open_run(Path(args.out_dir)) if args.eval_only or args.resume else None
+    if saved is None:
         return
-    recorded, source = found
+    recorded, source = saved.settings, saved.source
     fixed = RESUME_IDENTITY if args.resume else RUN_IDENTITY
     taken = [k for k in recorded if hasattr(args, k) and k not in PER_SESSION] if args.resume else fixed
     problems = []
@@ -303,7 +292,7 @@ def settings_from_run(args, given: set):
     if problems:
         raise SystemExit(f"error: {'; '.join(problems)} ({source}): leave those flags out (they come from the run), or "
                          "choose another --out_dir")
-    args.run_base = recorded.get("base")
+    args.run_base = saved.base
 
 
 def same_setting(key: str, a, b) -> bool:
@@ -350,6 +339,141 @@ def check_against_the_run(args, run: Run, info: dict):
                         "sha256 differs): give the same data")
     if problems:
         raise SystemExit(f"error: {'; '.join(problems)} ({run.out_dir / RUN_JSON})")
+
+
+# --- a run on disk, opened again: train.py --eval_only, sample.py and the tutorial's scripts call load_run; --resume
+# continues from the same checkpoint (resume_from_checkpoint), with the same checks of its base
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run in out_dir as it recorded itself (open_run reads no weight)."""
+    out_dir: Path
+    settings: dict  # every setting of the run: run.json's, or (a run of an older version) ckpt.pt's config
+    source: Path  # the file the settings come from
+    base: str  # where the run found its base; in what load_run returns, where it was loaded from
+    step: int = None  # of ckpt.pt; None when the run saved no checkpoint yet
+    fingerprint: dict = None  # of the base the checkpoint was trained on (base_fingerprint)
+    weights: Path = None  # in what load_run returns: the file the trained weights came from (None: the base alone)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / "ckpt.pt"
+
+
+def open_run(out_dir: Path, need_checkpoint: bool = False):
+    """The run in out_dir (SavedRun), or None when it holds none: its settings from run.json (a run of an older
+    version: from ckpt.pt's config), ckpt.pt's step and base fingerprint. ckpt.pt is mapped, not read: even a full run's
+    opens in an instant. A damaged file, or no ckpt.pt where one is needed, is one line."""
+    if out_dir.is_file():
+        raise SystemExit(f"error: --out_dir {out_dir} is a file: give the run's folder, where train.py wrote ckpt.pt"
+                         + (f" (--out_dir {out_dir.parent})" if out_dir.name == "ckpt.pt" else ""))
+    recorded = read_run_json(out_dir)
+    ckpt = read_checkpoint(out_dir / "ckpt.pt", mmap=True) if (out_dir / "ckpt.pt").is_file() else None
+    if ckpt is None and (need_checkpoint or recorded is None):
+        if need_checkpoint:
+            raise SystemExit(f"error: no {out_dir / 'ckpt.pt'}: train a run first (python train.py --out_dir {out_dir}), "
+                             "or point --out_dir at one")
+        return None
+    settings = recorded["settings"] if recorded else ckpt["config"]
+    base = recorded["base"]["path"] if recorded else settings.get("base") or settings["model"]
+    if ckpt is None:
+        return SavedRun(out_dir, settings, out_dir / RUN_JSON, base)
+    return SavedRun(out_dir, settings, out_dir / (RUN_JSON if recorded else "ckpt.pt"), base, ckpt["step"], ckpt["base"])
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """ckpt.pt as train.py wrote it (tensors and plain data only: no code runs), or one line saying what is wrong.
+    mmap: the tensors are read from the file when used, not now."""
+    if path.stat().st_size == 0:
+        raise SystemExit(f"error: {path} is empty: the run did not save it, or a copy of it failed")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        # torch's first sentence says what failed; the rest of a damaged zip's message is advice on several lines
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot read {path} ({why}): it is damaged, or not a checkpoint train.py wrote")
+    if not isinstance(ckpt, dict) or not {"config", "step", "weights", "base"} <= ckpt.keys():
+        raise SystemExit(f"error: {path} is not a checkpoint train.py wrote (it has no run config, step and weights)")
+    return ckpt
+
+
+def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
+    """(the base model, its tokenizer) from a checkpoint (model.py reads Meta, HF, llama2.c and GGUF), its weights in
+    dtype on device; --quantize int8: quantised on the CPU first (7B in bf16 would not fit a 16 GB GPU first). Every
+    base is read here."""
+    try:
+        model = Transformer.from_pretrained(path, dtype=dtype, device="cpu" if quantize == "int8" else device)
+        tok = Tokenizer.from_dir(path)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise SystemExit(f"error: cannot load --model {path}: {e}")
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"error: {path}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    if quantize == "int8":
+        quantize_int8(model)
+        model.to(device)
+    return model, tok
+
+
+def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: bool = True):
+    """(model, tokenizer, SavedRun): the trained run in out_dir, in eval mode: its base, quantised as the run's was,
+    with the trained weights (adapter=False: without them), on precision's device and in its dtype (default:
+    setup_precision's choice). base: the base's path, when it is no longer where the run found it. The base is
+    checked against the fingerprint the run recorded; what does not fit is one line."""
+    saved = open_run(Path(out_dir), need_checkpoint=True)
+    precision = precision or setup_precision()
+    path = Path(base or saved.base)
+    if not base and not path.exists() and (saved.out_dir / path.name).exists():
+        path = saved.out_dir / path.name  # a tiny base built inside out_dir (older versions): the run moved with it
+    if not path.exists():
+        raise SystemExit(f"error: the base model {path} does not exist" + ("" if base else f" (it is where "
+                         f"{saved.source.name} says the run found it); give --model the path of that base"))
+    method = saved.settings["method"]
+    model, tok = load_base(path, precision.device, precision.weights_dtype(method), saved.settings.get("quantize", "none"))
+    fingerprint = base_fingerprint(model)  # of the base: a full run's weights replace it
+    weights = load_trained(model, saved, path) if adapter else None
+    check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
+    return model.eval(), tok, replace(saved, base=str(path), weights=weights)
+
+
+def load_trained(model, saved: SavedRun, path: Path) -> Path:
+    """Put the run's trained weights into its base: adapter.safetensors when it is there (plain LoRA is a one-expert
+    MoELoRA: the same file and loader), else ckpt.pt's (--method full: all the weights). Returns where they came from."""
+    adapter, source = saved.out_dir / "adapter.safetensors", saved.checkpoint
+    try:
+        if saved.settings["method"] != "full" and adapter.exists():
+            source = adapter
+            load_moelora(model, adapter)
+        else:
+            weights = read_checkpoint(source, mmap=True)["weights"]
+            if saved.settings["method"] == "full":
+                model.load_state_dict(weights)
+            else:
+                inject_moelora(model, MoELoRAConfig(**weights["moelora_config"]))
+                load_moelora_state_dict(model, weights)
+    except (ValueError, KeyError, RuntimeError) as e:
+        why = str(e).splitlines()[0]
+        why = why if len(why) < 300 else why[:300] + "..."  # a list of every missing key says no more than its start
+        raise SystemExit(f"error: the weights in {source} do not fit the base {path} ({why}); "
+                         + base_hint(path, saved.base))
+    return source
+
+
+def check_base(then: dict, now: dict, checkpoint: Path, path, trained_on):
+    """The base is the one the checkpoint was trained on: the same shape, and weight sums within 1% (the run may have
+    held it in another dtype). then, now: base_fingerprint's."""
+    differ = [f"{k} {v} then, {now['args'].get(k)} now" for k, v in then["args"].items() if now["args"].get(k) != v]
+    if not differ and not torch.allclose(torch.tensor(now["sums"]), torch.tensor(then["sums"]), rtol=1e-2, atol=1e-2):
+        differ = [f"weight sums {then['sums']} then, {now['sums']} now"]
+    if differ:
+        raise SystemExit(f"error: {checkpoint} was trained on another base than {path} ({'; '.join(differ[:3])}): "
+                         + base_hint(path, trained_on))
+
+
+def base_hint(path, trained_on) -> str:
+    """What to do about a base that does not fit the run trained on trained_on."""
+    if Path(path).resolve() == Path(trained_on).resolve():
+        return "has it changed since? Give the run's base as --model, or use another --out_dir"
+    return f"the run was trained on {trained_on}: give that as --model"
 
 
 def link_or_copy(src: Path, dst: Path):
@@ -467,39 +591,6 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
-
-
-def load_checkpoint(path: Path, model, args, fingerprint):
-    """Read a checkpoint and load its weights into model after checking it belongs to this base and config."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({str(e).splitlines()[0]}); it may be truncated, or "
-                         "from an older version of train.py, or not a checkpoint: delete it or choose another --out_dir")
-    if ckpt["base"]["args"] != fingerprint["args"] or ckpt["base"]["sums"] != fingerprint["sums"]:
-        differ = [f"{k} {v} then, {fingerprint['args'].get(k)} now" for k, v in ckpt["base"]["args"].items()
-                  if fingerprint["args"].get(k) != v] or [f"weight sums {ckpt['base']['sums']} then, {fingerprint['sums']} now"]
-        raise SystemExit(f"error: {path} was trained on another base than {args.base} ({'; '.join(differ[:3])}): has it "
-                         "changed since? Give the run's base as --model, or use another --out_dir")
-    quantize = ckpt["config"].get("quantize", "none"), getattr(args, "quantize", "none")  # (the run's, this one's)
-    if quantize[0] != quantize[1]:  # the same base, rounded otherwise
-        raise SystemExit(f"error: {path} was trained on a --quantize {quantize[0]} base, not {quantize[1]}: give the "
-                         "same --quantize")
-    if ckpt["config"]["method"] != args.method:
-        raise SystemExit(f"error: {path} holds --method {ckpt['config']['method']} weights, not {args.method}")
-    try:
-        if args.method == "full":
-            model.load_state_dict(ckpt["weights"])
-        else:
-            load_moelora_state_dict(model, ckpt["weights"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        differ = [f"--{k} {ckpt['config'][k]}" for k in ADAPTER_FLAGS if ckpt["config"].get(k) != getattr(args, k)]
-        raise SystemExit(f"error: {path} does not fit this adapter configuration ({str(e).splitlines()[0]}); it was "
-                         f"trained with {' '.join(differ) or 'other adapter settings'}: give those flags, or use another --out_dir")
-    return ckpt
-
-
 def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint: dict):
     # every process's RNG state: a resumed run draws the same dropout masks and contrastive samples
     rngs = [None] * run.world_size
@@ -515,10 +606,24 @@ def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint
             save_moelora(raw_model, run.out_dir / "adapter.safetensors")
 
 
+ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
+
+
 def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: dict) -> int:
-    """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt; return its step."""
+    """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt, after checking that it was
+    trained on this base with these adapters; return its step."""
     ckpt_path = run.out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, raw_model, args, fingerprint)
+    ckpt = read_checkpoint(ckpt_path)
+    check_base(ckpt["base"], fingerprint, ckpt_path, args.base, args.base)
+    try:
+        if args.method == "full":
+            raw_model.load_state_dict(ckpt["weights"])
+        else:
+            load_moelora_state_dict(raw_model, ckpt["weights"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        differ = [f"--{k} {ckpt['config'][k]}" for k in ADAPTER_FLAGS if ckpt["config"].get(k) != getattr(args, k)]
+        raise SystemExit(f"error: {ckpt_path} does not fit this adapter configuration ({str(e).splitlines()[0]}); it was "
+                         f"trained with {' '.join(differ) or 'other adapter settings'}: give those flags, or use another --out_dir")
     optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][min(run.rank, len(ckpt["rng"]) - 1)])

@@ -39,15 +39,13 @@ from data.tasks import ALL_TASKS, FAMILIES, DataError, find_data_dir, load_split
 from evaluate import grade, load_tests, mean_target_loss
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
-from quantize import quantize_int8
 from moelora import (GATES, MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
-                     moelora_routing_stats, moelora_token_mask)
+                     moelora_config, moelora_routing_stats, moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
-                  check_out_dir, default_device, keep_best, keep_checkpoint, load_checkpoint, plot_curves,
+                  check_out_dir, default_device, keep_best, keep_checkpoint, load_base, load_run, open_run, plot_curves,
                   prepare_out_dir, resume_from_checkpoint, run_info, save_checkpoint, settings_from_run,
                   setup_distributed, setup_precision, stop_non_finite, stop_requested)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
-from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------
 # settings: each default is written once, here or in moelora.MoELoRAConfig; `python train.py --help` prints them
@@ -283,9 +281,15 @@ def main(argv=None):
         if world_size > 1:
             dist.barrier()  # the other processes wait for rank 0 to build the tiny base
     args.base = str(model_path)  # saved with the config: where the base came from (the tiny base's cache without --model)
-    model, tok = load_base(args, run, model_path, precision.weights_dtype(args.method))
+    saved = open_run(run.out_dir) if args.eval_only else None
+    if saved is not None and saved.step is not None:  # a trained run, graded again: its base and weights, checked
+        model, tok, saved = load_run(run.out_dir, precision, model_path)
+        log_base(run, model_path, model, precision.weights_dtype(args.method), args.quantize)
+        fingerprint = saved.fingerprint
+    else:
+        model, tok = base_with_adapters(args, run, model_path)
+        fingerprint = base_fingerprint(model)
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
-    fingerprint = base_fingerprint(raw_model)
 
     train_set = val_set = None
     if not args.eval_only:
@@ -307,9 +311,9 @@ def main(argv=None):
         step = train(args, run, model, raw_model, tok, train_set, val_set, fingerprint)
         if step is None:
             return None
-    elif (run.out_dir / "ckpt.pt").exists():
-        step = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, fingerprint)["step"]
-        run.log(f"evaluating {run.out_dir / 'ckpt.pt'} (step {step})")
+    elif saved is not None and saved.step is not None:
+        step = saved.step
+        run.log(f"evaluating {saved.weights} (step {step})")
     else:
         step = 0
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
@@ -317,7 +321,7 @@ def main(argv=None):
     # every result file says what it graded and which run (run.json) it comes from
     record = {"run_id": info["run_id"], "step": step, "base": args.base, "model": args.model or "built-in tiny",
               "method": args.method, "quantize": args.quantize, "autocast": str(run.amp_dtype).removeprefix("torch."),
-              "adapter": None if args.method == "full" else asdict(moelora_config_from(args)),
+              "adapter": None if args.method == "full" else asdict(moelora_config(raw_model)),
               "code": info["code"]}
     results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)
     if world_size > 1:
@@ -387,19 +391,11 @@ def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> Train
     return TrainSet(pairs, sources, names)
 
 
-def load_base(args, run: Run, model_path, dtype):
-    """The frozen base model and its tokenizer, with the adapters of --method injected (none for full)."""
-    try:  # an int8 base is loaded and quantised on the CPU: 7B in bf16 would not fit a 16 GB GPU first
-        model = Transformer.from_pretrained(model_path, dtype=dtype, device="cpu" if args.quantize == "int8" else run.device)
-        tok = Tokenizer.from_dir(model_path)
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot load --model {model_path}: {e}")
-    if tok.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    if args.quantize == "int8":
-        quantize_int8(model)
-    run.log(f"base model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-            f"{dtype}{', int8 linear layers' * (args.quantize == 'int8')}, {run.device}, autocast {run.amp_dtype})")
+def base_with_adapters(args, run: Run, path):
+    """The frozen base model and its tokenizer, with fresh adapters of --method injected (full: every weight trains)."""
+    dtype = run.precision.weights_dtype(args.method)
+    model, tok = load_base(path, run.device, dtype, args.quantize)
+    log_base(run, path, model, dtype, args.quantize)
     if args.method == "full":
         model.requires_grad_(True)
     else:
@@ -411,9 +407,14 @@ def load_base(args, run: Run, model_path, dtype):
         except (ValueError, TypeError) as e:
             raise SystemExit(f"error: {e}")
         mark_only_moelora_as_trainable(model)
-        model.to(run.device)
     model.grad_checkpointing = args.grad_checkpointing
     return model, tok
+
+
+def log_base(run: Run, path, model, dtype, quantize: str):
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(("lora_A", "lora_B", "router.weight")))
+    run.log(f"base model: {path} ({n / 1e6:.1f}M parameters, {dtype}{', int8 linear layers' * (quantize == 'int8')}, "
+            f"{run.device}, autocast {run.amp_dtype})")
 
 
 # -----------------------------------------------------------------------------------------------------

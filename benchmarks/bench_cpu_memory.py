@@ -216,15 +216,15 @@ def run_child(spec: dict):
         once("load")
         return model
     checkpoints.load_pretrained = loading  # Transformer.from_pretrained imports it when called
-    load_base = train.load_base
+    base_with_adapters = train.base_with_adapters
 
     def loading_base(*a, **kw):
-        model, tok = load_base(*a, **kw)
+        model, tok = base_with_adapters(*a, **kw)
         once("inject")
         model.register_forward_hook(lambda m, i, o: once("forward") if m.training else None)
         facts["trainable_bytes"] = sum(p.nbytes for p in model.parameters() if p.requires_grad)
         return model, tok
-    train.load_base = loading_base
+    train.base_with_adapters = loading_base
     backward = torch.autograd.backward
 
     def backward_marked(*a, **kw):

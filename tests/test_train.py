@@ -173,8 +173,8 @@ def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     assert str(error.value) == (f"error: --quantize none, but the run in {tmp_path / 'split'} has --quantize int8 ("
                                 f"{tmp_path / 'split' / 'run.json'}): leave those flags out (they come from the run), or "
                                 "choose another --out_dir")
-    model, _ = train.load_base(train.parse_args(small_run(tmp_path, *common)), runs.Run(
-        0, 1, runs.Precision("cpu", torch.float32), None, tmp_path), shared_path("models/stories260K-hf"), torch.float32)
+    model, _ = train.base_with_adapters(train.parse_args(small_run(tmp_path, *common)), runs.Run(
+        0, 1, runs.Precision("cpu", torch.float32), None, tmp_path), shared_path("models/stories260K-hf"))
     assert isinstance(model.layers[0].attention.wq.base_layer, Int8Linear) and isinstance(model.layers[0].feed_forward.w1, Int8Linear)
     floats = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and "router" not in name]
     assert floats == (["output"] if model.args.tie_word_embeddings else [])  # a tied one is kept, not stored twice
@@ -830,8 +830,7 @@ def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
     # the validation loss is the answer loss of the held-out examples under the saved weights (best/: step 6)
     args = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2"))
     r = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
-    model, tok = train.load_base(args, r, shared_path("models/stories260K-hf"), torch.float32)
-    train.load_checkpoint(run / "best" / "ckpt.pt", model, args, train.base_fingerprint(model))
+    model, tok, _ = runs.load_run(run / "best", r.precision)
     examples = train.load_training_examples(args, r, shared_path("data"), {})
     kept, held = train.hold_out(args, r, examples)
     assert len(held) == 8 and len(kept) == len(examples) - 8
