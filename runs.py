@@ -1,14 +1,19 @@
 """
 A training run's plumbing, apart from its loops (train.py): which process this is and how it computes, the
-out_dir and its files, checkpoints that resume exactly, and stopping on a signal without losing work.
+out_dir and its files, checkpoints that resume exactly, stopping on a signal without losing work, and a run on disk
+opened again.
 
     Run, Precision, setup_precision, setup_distributed        the run's context: rank, device, precision (also
                                                               sample.py's), all_reduce_sum
     check_out_dir, prepare_out_dir, move_run_aside            never replace earlier work unasked
     run_info, settings_from_run, check_against_the_run        run.json: what a run is; --eval_only and --resume
-                                                              open it again with its base, adapter and prompt
+                                                              take its base, adapter and prompt again
+    open_run, load_run, load_base, check_base                 a run on disk: what it recorded (SavedRun), and its
+                                                              base with its trained weights, for train.py --eval_only,
+                                                              sample.py and the tutorial's scripts; every base is
+                                                              read by load_base
     keep_checkpoint, keep_best, plot_curves                   --keep_last, best/ and curves.png
-    save_checkpoint, resume_from_checkpoint, load_checkpoint  ckpt.pt: the trainable weights (adapters only,
+    save_checkpoint, resume_from_checkpoint                   ckpt.pt: the trainable weights (adapters only,
                                                               or all for --method full), optimizer, scaler,
                                                               every process's RNG state, step, settings, and a
                                                               fingerprint of the base; adapter.safetensors beside it
@@ -268,31 +273,28 @@ RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "m
 PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
 
 
-def settings_from_run(args, given: set):
+def settings_from_run(values: dict, given: set, saved: "SavedRun") -> tuple:
     """--eval_only and --resume open the run in out_dir: its base, --quantize and adapter come from it, and with --resume
-    every setting not given again. A flag given with a value other than the run's is one line naming both, where the
-    run is defined by it; elsewhere (--lr, --max_steps...) the new value wins, and main logs it."""
-    args.changed_from_run, args.run_base = [], None
-    saved = open_run(Path(args.out_dir)) if args.eval_only or args.resume else None
-    if saved is None:
-        return
-    recorded, source = saved.settings, saved.source
-    fixed = RESUME_IDENTITY if args.resume else RUN_IDENTITY
-    taken = [k for k in recorded if hasattr(args, k) and k not in PER_SESSION] if args.resume else fixed
-    problems = []
-    for key in (k for k in taken if k in recorded):
-        mine, theirs = getattr(args, key), recorded[key]
+    every setting not given again. values: the command line's; returns (values with the run's in them, the notes main
+    logs). A flag given with a value other than the run's is one line naming both, where the run is defined by it;
+    elsewhere (--lr, --max_steps...) the new value wins, and a note says so."""
+    resume = values["resume"]
+    fixed = RESUME_IDENTITY if resume else RUN_IDENTITY
+    taken = [k for k in saved.settings if k in values and k not in PER_SESSION] if resume else fixed
+    values, notes, problems = dict(values), [], []
+    for key in (k for k in taken if k in saved.settings):
+        mine, theirs = values[key], saved.settings[key]
         if key in given and not same_setting(key, mine, theirs):
             if key in fixed:
-                problems.append(f"{show_flag(key, mine)}, but the run in {args.out_dir} has {show_flag(key, theirs)}")
+                problems.append(f"{show_flag(key, mine)}, but the run in {values['out_dir']} has {show_flag(key, theirs)}")
             else:
-                args.changed_from_run.append(f"{show_flag(key, mine)} (the run had {theirs})")
+                notes.append(f"--resume: {show_flag(key, mine)} (the run had {theirs})")
             continue
-        setattr(args, key, theirs)
+        values[key] = theirs
     if problems:
-        raise SystemExit(f"error: {'; '.join(problems)} ({source}): leave those flags out (they come from the run), or "
-                         "choose another --out_dir")
-    args.run_base = saved.base
+        raise SystemExit(f"error: {'; '.join(problems)} ({saved.source}): leave those flags out (they come from the run), "
+                         "or choose another --out_dir")
+    return values, notes
 
 
 def same_setting(key: str, a, b) -> bool:
@@ -305,13 +307,12 @@ def show_flag(key: str, value) -> str:
     return "the built-in tiny base" if key == "model" and value is None else f"--{key} {value}"
 
 
-def run_info(args, run: Run, fingerprint: dict, train_examples: list, tests: dict) -> dict:
+def run_info(args, run: Run, base: dict, train_examples: list, tests: dict) -> dict:
     """What run.json records: every resolved setting, the base, the data (files and the examples read, hashed), the
     prompt, the code, and where it ran. A run id ties every result file to it."""
     files = {flag: getattr(args, flag) for flag in ("train_file", "eval_file") if getattr(args, flag)}
     return {"run_id": time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("changed_from_run", "run_base")},
-            "base": {"path": args.base, **fingerprint},
+            "settings": dict(vars(args)), "base": base,
             "data": {"files": {flag: {"path": str(Path(f).resolve()), "sha256": sha256_of(Path(f))} for flag, f in files.items()},
                      "train_examples": {"n": len(train_examples), "sha256": sha256_of(train_examples)},
                      "test_sets": {task: {"n": len(ex), "sha256": sha256_of(ex)} for task, ex in tests.items()}},
@@ -429,7 +430,7 @@ def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: boo
                          f"{saved.source.name} says the run found it); give --model the path of that base"))
     method = saved.settings["method"]
     model, tok = load_base(path, precision.device, precision.weights_dtype(method), saved.settings.get("quantize", "none"))
-    fingerprint = base_fingerprint(model)  # of the base: a full run's weights replace it
+    fingerprint = base_fingerprint(model, path)  # of the base: a full run's weights replace it
     weights = load_trained(model, saved, path) if adapter else None
     check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
     return model.eval(), tok, replace(saved, base=str(path), weights=weights)
@@ -562,11 +563,12 @@ def trainable_state(model, method: str):
 
 
 @torch.no_grad()
-def base_fingerprint(model) -> dict:
-    # enough to tell one base from another without hashing gigabytes: its shape and two weight sums
+def base_fingerprint(model, path) -> dict:
+    """Where the base is read from, and enough to tell one base from another without hashing gigabytes: its shape
+    and two weight sums."""
     w = model.tok_embeddings.weight
-    return {"args": asdict(model.args), "sums": [round(float(model.norm.weight.float().sum()), 3),
-                                                 round(float(w[: min(8, w.shape[0])].float().sum()), 3)]}
+    return {"path": str(path), "args": asdict(model.args),
+            "sums": [round(float(model.norm.weight.float().sum()), 3), round(float(w[: min(8, w.shape[0])].float().sum()), 3)]}
 
 
 def rng_state() -> dict:
@@ -591,17 +593,17 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint: dict):
+def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, base: dict):
     # every process's RNG state: a resumed run draws the same dropout masks and contrastive samples
     rngs = [None] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
-    if run.rank == 0:
+    if run.rank == 0:  # config: the settings, and where the base was read (export_peft.py and older readers look there)
         atomic_save({"weights": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
-                     "scaler": run.scaler.state_dict(), "rng": rngs, "step": step, "config": vars(args),
-                     "base": fingerprint}, run.out_dir / "ckpt.pt")
+                     "scaler": run.scaler.state_dict(), "rng": rngs, "step": step,
+                     "config": dict(vars(args), base=base["path"]), "base": base}, run.out_dir / "ckpt.pt")
         if args.method != "full":  # the adapters alone, to share or load elsewhere: no pickle (moelora.load_moelora)
             save_moelora(raw_model, run.out_dir / "adapter.safetensors")
 
@@ -609,12 +611,12 @@ def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint
 ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
 
 
-def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: dict) -> int:
+def resume_from_checkpoint(run: Run, args, raw_model, optimizer, base: dict) -> int:
     """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt, after checking that it was
-    trained on this base with these adapters; return its step."""
+    trained on this base (base_fingerprint) with these adapters; return its step."""
     ckpt_path = run.out_dir / "ckpt.pt"
     ckpt = read_checkpoint(ckpt_path)
-    check_base(ckpt["base"], fingerprint, ckpt_path, args.base, args.base)
+    check_base(ckpt["base"], base, ckpt_path, base["path"], base["path"])
     try:
         if args.method == "full":
             raw_model.load_state_dict(ckpt["weights"])

@@ -18,6 +18,7 @@ loop (processes, precision, out_dir, checkpoints that resume exactly, stop signa
 import argparse
 import contextlib
 import math
+import os
 import random
 import re
 import signal
@@ -39,8 +40,8 @@ from data.tasks import ALL_TASKS, FAMILIES, DataError, find_data_dir, load_split
 from evaluate import grade, load_tests, mean_target_loss
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
-from moelora import (GATES, MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
-                     moelora_config, moelora_routing_stats, moelora_token_mask)
+from moelora import (GATES, MoELoRAConfig, inject_moelora, is_linear, mark_only_moelora_as_trainable,
+                     moelora_aux_losses, moelora_config, moelora_routing_stats, moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
                   check_out_dir, default_device, keep_best, keep_checkpoint, load_base, load_run, open_run, plot_curves,
                   prepare_out_dir, resume_from_checkpoint, run_info, save_checkpoint, settings_from_run,
@@ -74,7 +75,24 @@ def preset_default(key: str) -> str:
     return "(preset " + "; ".join(f"{name}: {preset[key]}" for name, preset in PRESETS.items()) + ")"
 
 
-def parse_args(argv=None):
+class Settings:
+    """The run's settings, resolved once by parse_args and read-only from then on: what the code reads, and what
+    run.json and ckpt.pt save (vars(settings)). Read as argparse's Namespace is; setting a field raises."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"the settings are read-only once resolved: {key} (parse_args resolves them)")
+
+    def __delattr__(self, key):
+        raise AttributeError(f"the settings are read-only once resolved: {key} (parse_args resolves them)")
+
+    def __repr__(self):
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
+
+
+def argument_parser():
     adapter = MoELoRAConfig()  # the adapter defaults live in moelora.py
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -144,29 +162,43 @@ def parse_args(argv=None):
     a("--val_examples", type=int, default=200, help="how many training examples --eval_interval holds out (default %(default)s)")
     a("--seed", type=int, default=1337, help="batch order, adapter initialisation, dropout (default %(default)s)")
     p.error = lambda message: p.exit(2, f"error: {message} (python train.py --help lists the flags)\n")  # not the usage
-    args = p.parse_args(argv)
-    settings_from_run(args, flags_given(p, argv))
+    return p
+
+
+def parse_args(argv=None) -> Settings:
+    """The settings, resolved once: the command line; with --eval_only or --resume, what comes from the run in out_dir
+    (runs.settings_from_run); the preset's values for what is still unset; then every check. Read-only from then on."""
+    p = argument_parser()
+    values, notes = vars(p.parse_args(argv)), []
+    saved = open_run(Path(values["out_dir"])) if values["eval_only"] or values["resume"] else None
+    if saved is not None:
+        values, notes = settings_from_run(values, flags_given(p, argv), saved)
     try:  # the base's shape from its config alone, before any weight is read
-        shape = TINY_MODEL if args.model is None else read_model_args(args.model)
+        shape = TINY_MODEL if values["model"] is None else read_model_args(values["model"])
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot load --model {args.model}: {e}")
+        raise SystemExit(f"error: cannot load --model {values['model']}: {e}")
     with torch.device("meta"):
         base = Transformer(shape)
     n_params = sum(p.numel() for p in base.parameters())
-    args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters"
-    on_cpu = default_device(args.device) == "cpu"
-    args.preset = args.preset or ("tiny" if n_params < SMALL_BASE else "small_cpu" if n_params < CPU_BASE and on_cpu
+    on_cpu = default_device(values["device"]) == "cpu"
+    preset = values["preset"] or ("tiny" if n_params < SMALL_BASE else "small_cpu" if n_params < CPU_BASE and on_cpu
                                   else "llama-7b")
-    args.preset_why += ", on a CPU" * (args.preset == "small_cpu")
-    args.from_preset = [key for key, value in PRESETS[args.preset].items() if getattr(args, key) is None]
-    for key in args.from_preset:
-        setattr(args, key, PRESETS[args.preset][key])
-    if args.r is None:
-        args.r = adapter.num_experts * adapter.r if args.method == "lora" else adapter.r
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.r
-    check_args(args, base)
-    return args
+    from_preset = tuple(key for key in PRESETS[preset] if values[key] is None)
+    values.update({key: PRESETS[preset][key] for key in from_preset}, preset=preset, from_preset=from_preset,
+                  preset_why=f"the base has {n_params / 1e6:,.1f}M parameters" + ", on a CPU" * (preset == "small_cpu"))
+    adapter = MoELoRAConfig()
+    if values["r"] is None:
+        values["r"] = adapter.num_experts * adapter.r if values["method"] == "lora" else adapter.r
+    if values["lora_alpha"] is None:
+        values["lora_alpha"] = 2.0 * values["r"]
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, each with its share of a batch
+    batch, micro = values["batch_size"], values["micro_batch_size"]
+    if "micro_batch_size" in from_preset and batch % (world_size * micro) and batch % world_size == 0:
+        values["micro_batch_size"] = math.gcd(micro, batch // world_size)  # the preset's, split: every process gets one
+        notes.append(f"--micro_batch_size {values['micro_batch_size']}: the preset's, made to fit {world_size} processes")
+    settings = Settings(**values, notes=tuple(notes))  # notes: what main logs about how the settings were resolved
+    check_args(settings, base, world_size)
+    return settings
 
 
 def flags_given(p, argv) -> set:
@@ -181,7 +213,7 @@ def flags_given(p, argv) -> set:
             action.default = default
 
 
-def check_args(args, base):
+def check_args(args, base, world_size: int):
     """Every value that cannot work, found before any expensive work: one line naming the flag, the value and the fix.
     The adapter's settings are checked by MoELoRAConfig itself, whose messages name its fields: the flags of the
     same names."""
@@ -203,6 +235,9 @@ def check_args(args, base):
         problems += target_problems(args, base)
     if args.micro_batch_size > args.batch_size > 0:
         problems.append(f"--micro_batch_size {args.micro_batch_size} must be at most --batch_size {args.batch_size}")
+    elif args.micro_batch_size > 0 and args.batch_size % (world_size * args.micro_batch_size):
+        problems.append(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
+                        f"{args.micro_batch_size} x {world_size} process(es)")
     if args.eval_kind and not args.eval_file:
         problems.append(f"--eval_kind {args.eval_kind} grades an --eval_file: give one, or leave out --eval_kind")
     if args.quantize != "none" and args.method == "full":
@@ -217,16 +252,15 @@ def check_args(args, base):
 
 
 def target_problems(args, base) -> list:
-    """--target_modules checked on the base built on the meta device: before a tiny base is pretrained or 7B loaded."""
-    if args.method == "full":
+    """--target_modules checked against the linear layers of the base built on the meta device, read and not changed:
+    before a tiny base is pretrained or 7B loaded."""
+    linear = {name for _, parent in base.named_modules() for name, child in parent.named_children() if is_linear(child)}
+    missing = [t for t in moelora_config_from(args).target_modules if t not in linear]
+    if args.method == "full" or not missing:
         return []
-    try:
-        inject_moelora(base, moelora_config_from(args))
-    except ValueError as e:
-        meta_names = {hf.split(".")[1]: ours.split(".")[1] for hf, ours in HF_NAMES.items() if "proj" in hf}
-        return [str(e).replace("target_modules", "--target_modules", 1) + ". model.py uses Meta's names; Hugging Face's are "
-                + ", ".join(f"{hf} -> {ours}" for hf, ours in meta_names.items())]
-    return []
+    meta_names = {hf.split(".")[1]: ours.split(".")[1] for hf, ours in HF_NAMES.items() if "proj" in hf}
+    return [f"--target_modules {missing} match no nn.Linear of the model, whose linear layers are {sorted(linear)}. "
+            "model.py uses Meta's names; Hugging Face's are " + ", ".join(f"{hf} -> {ours}" for hf, ours in meta_names.items())]
 
 
 def moelora_config_from(args) -> MoELoRAConfig:
@@ -249,15 +283,8 @@ def main(argv=None):
     precision = setup_precision(args.dtype, device)
     run = Run(rank, world_size, precision, precision.grad_scaler(), Path(args.out_dir))
     check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
-    for change in args.changed_from_run:
-        run.log(f"--resume: {change}")
-    if (args.batch_size % (world_size * args.micro_batch_size) and "micro_batch_size" in args.from_preset
-            and args.batch_size % world_size == 0):  # the preset's micro-batch, split so that every process gets one
-        args.micro_batch_size = math.gcd(args.micro_batch_size, args.batch_size // world_size)
-        run.log(f"--micro_batch_size {args.micro_batch_size}: the preset's, made to fit {world_size} processes")
-    if args.batch_size % (world_size * args.micro_batch_size):
-        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch_size "
-                         f"{args.micro_batch_size} x {world_size} process(es)")
+    for note in args.notes:
+        run.log(note)
     run.log(f"preset {args.preset} ({args.preset_why}; --preset chooses): "
             + ", ".join(f"{k} {getattr(args, k)}" for k in PRESETS[args.preset]))
     random.seed(args.seed)
@@ -269,26 +296,7 @@ def main(argv=None):
     train_examples = [] if args.eval_only else load_training_examples(args, run, data_dir, tests)
     if args.eval_limit:
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
-    model_path = args.model
-    if model_path is None and args.run_base and Path(args.run_base).exists():
-        model_path = args.run_base  # the run's own tiny base, from the cache
-    elif model_path is None:
-        texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
-                 load_training_examples(args, run, data_dir, tests)]
-        model_path = tiny_base_dir(tiny_base_cache(), args.task, texts, args.pretrain_steps, args.seed)
-        if rank == 0:
-            build_tiny_base(model_path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
-        if world_size > 1:
-            dist.barrier()  # the other processes wait for rank 0 to build the tiny base
-    args.base = str(model_path)  # saved with the config: where the base came from (the tiny base's cache without --model)
-    saved = open_run(run.out_dir) if args.eval_only else None
-    if saved is not None and saved.step is not None:  # a trained run, graded again: its base and weights, checked
-        model, tok, saved = load_run(run.out_dir, precision, model_path)
-        log_base(run, model_path, model, precision.weights_dtype(args.method), args.quantize)
-        fingerprint = saved.fingerprint
-    else:
-        model, tok = base_with_adapters(args, run, model_path)
-        fingerprint = base_fingerprint(model)
+    model, tok, base, step = load_model(args, run, data_dir, train_examples, tests)
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
 
     train_set = val_set = None
@@ -299,7 +307,7 @@ def main(argv=None):
         val_set = tokenize_dataset(tok, val_examples, max_seq_len, args.prompt_format)[0] if val_examples else None
         if not batch_order(len(train_set.pairs), args.batch_size, 0, args.seed):
             raise SystemExit(f"error: {len(train_set.pairs)} training examples is fewer than one batch of {args.batch_size}")
-    info = run_info(args, run, fingerprint, train_examples, tests)
+    info = run_info(args, run, base, train_examples, tests)
     check_against_the_run(args, run, info)
     prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
 
@@ -308,18 +316,15 @@ def main(argv=None):
             model = torch.compile(model)
         if world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        step = train(args, run, model, raw_model, tok, train_set, val_set, fingerprint)
+        step = train(args, run, model, raw_model, tok, train_set, val_set, base)
         if step is None:
             return None
-    elif saved is not None and saved.step is not None:
-        step = saved.step
-        run.log(f"evaluating {saved.weights} (step {step})")
-    else:
+    elif step is None:
         step = 0
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
     # every result file says what it graded and which run (run.json) it comes from
-    record = {"run_id": info["run_id"], "step": step, "base": args.base, "model": args.model or "built-in tiny",
+    record = {"run_id": info["run_id"], "step": step, "base": base["path"], "model": args.model or "built-in tiny",
               "method": args.method, "quantize": args.quantize, "autocast": str(run.amp_dtype).removeprefix("torch."),
               "adapter": None if args.method == "full" else asdict(moelora_config(raw_model)),
               "code": info["code"]}
@@ -328,6 +333,32 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return results if len(results) > 1 else next(iter(results.values()))
+
+
+def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> tuple:
+    """(model, tokenizer, base, step). The base: --model; else, for --eval_only and --resume, the run's own; else the
+    built-in tiny base (built once, then found in the cache). --eval_only of a trained run opens it (runs.load_run: its
+    trained weights, checked against its base); otherwise the base gets fresh adapters of --method (--resume loads its
+    checkpoint into them when training starts). base: its path and fingerprint; step: the run's, or None."""
+    saved = open_run(run.out_dir) if args.eval_only or args.resume else None
+    path = args.model
+    if path is None and saved is not None and Path(saved.base).exists():
+        path = saved.base  # the run's own tiny base, from the cache
+    elif path is None:
+        texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
+                 load_training_examples(args, run, data_dir, tests)]
+        path = tiny_base_dir(tiny_base_cache(), args.task, texts, args.pretrain_steps, args.seed)
+        if run.rank == 0:
+            build_tiny_base(path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
+        if run.world_size > 1:
+            dist.barrier()  # the other processes wait for rank 0 to build the tiny base
+    if args.eval_only and saved is not None and saved.step is not None:
+        model, tok, saved = load_run(run.out_dir, run.precision, path)
+        log_base(run, path, model, run.precision.weights_dtype(args.method), args.quantize)
+        run.log(f"evaluating {saved.weights} (step {saved.step})")
+        return model, tok, {**saved.fingerprint, "path": saved.base}, saved.step
+    model, tok = base_with_adapters(args, run, path)
+    return model, tok, base_fingerprint(model, path), None
 
 
 def hold_out(args, run: Run, examples: list) -> tuple:
@@ -420,7 +451,7 @@ def log_base(run: Run, path, model, dtype, quantize: str):
 # -----------------------------------------------------------------------------------------------------
 # training
 
-def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint: dict):
+def train(args, run: Run, model, raw_model, tok, train_set, val_set, base: dict):
     """Train until --max_steps / --epochs (or --stop_after); the last step when the run is complete, else None.
     val_set: the held-out (tokens, labels) pairs that --eval_interval checks, or None."""
     n_examples = len(train_set.pairs)
@@ -432,7 +463,7 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=run.device.startswith("cuda"))
-    step = resume_from_checkpoint(run, args, raw_model, optimizer, fingerprint) if args.resume else 0
+    step = resume_from_checkpoint(run, args, raw_model, optimizer, base) if args.resume else 0
     saved_step = step if args.resume else None  # the step of the checkpoint on disk, if any
     best = best_val_loss(run) if args.resume else math.inf
 
@@ -473,7 +504,7 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint
             checked = val_set is not None and (step % args.eval_interval == 0 or step == total_steps)
             val_loss = validation_loss(args, run, model, raw_model, val_set, tok.pad_id, step) if checked else None
             if step % args.save_interval == 0 or step == last_step or stopping or checked:
-                save_checkpoint(run, args, raw_model, optimizer, step, fingerprint)
+                save_checkpoint(run, args, raw_model, optimizer, step, base)
                 keep_checkpoint(run, step, args.keep_last)
                 saved_step = step
             if checked and val_loss < best:

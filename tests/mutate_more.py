@@ -56,7 +56,7 @@ RUN_MUTATIONS = [  # (file, what it breaks, text, replacement)
     ("train.py", "best/ replaced by a worse checkpoint", "if checked and val_loss < best:", "if checked:"),
     ("train.py", "the held-out slice depends on --seed", "generator=torch.Generator().manual_seed(0)",
      "generator=torch.Generator().manual_seed(args.seed)"),
-    ("runs.py", "--resume takes nothing from the run", "        setattr(args, key, theirs)\n", "        pass\n"),
+    ("runs.py", "--resume takes nothing from the run", "        values[key] = theirs\n", "        pass\n"),
     ("runs.py", "--resume does not check the training data", "if args.resume and then[\"sha256\"] != now[\"sha256\"]:",
      "if False:"),
 ]

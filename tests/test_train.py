@@ -127,6 +127,11 @@ def test_settings_have_one_source_and_help_states_them(capsys):
         args = train.parse_args(["--preset", name, "--lr", "0.5"])
         assert args.lr == 0.5 and all(getattr(args, k) == v for k, v in preset.items() if k != "lr")
     assert train.parse_args([]).preset == "tiny"
+    # resolved once, then read-only: no function changes them behind the reader's back
+    settings = train.parse_args(["--lr", "0.5"])
+    with pytest.raises(AttributeError, match="read-only"):
+        settings.lr = 0.1
+    assert settings.lr == 0.5
     # --help states every default: each preset's value of each preset-dependent flag
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
@@ -835,8 +840,8 @@ def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
     kept, held = train.hold_out(args, r, examples)
     assert len(held) == 8 and len(kept) == len(examples) - 8
     assert {e["instruction"] for e in kept}.isdisjoint({e["instruction"] for e in held})
-    args.seed = 5  # the same slice for every seed
-    assert train.hold_out(args, r, examples)[1] == held
+    other_seed = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2", "--seed", "5"))
+    assert train.hold_out(other_seed, r, examples)[1] == held  # the same slice for every seed
     pairs = tokenize_dataset(tok, held, args.max_seq_len)[0]
     assert evaluate.mean_target_loss(r, model.eval(), pairs, tok.pad_id, args.eval_batch_size) == pytest.approx(val[6], rel=1e-5)
 
