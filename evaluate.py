@@ -7,7 +7,7 @@ calls it at the end of training and for --eval_only.
     grade             every benchmark: predictions_<task>.jsonl and metrics_<task>.json in out_dir, and for several
                       a table, results_<task>.md and .json
     mean_target_loss  the teacher-forced loss of (tokens, labels) pairs: the answer loss, and train.py's
-                      validation loss
+                      validation loss (validation_loss)
 
 Every process grades a share of the batches (my_batches); the results are gathered in the order one process would
 give them, so they do not depend on the number of processes. Rank 0 writes the files.
@@ -107,6 +107,17 @@ def mean_target_loss(run, model, pairs, pad_id: int, batch_size: int) -> float:
     for _, loss, n in sorted(gather(run, parts)):  # summed in batch order: the same float for any world size
         loss_sum, n_tok = loss_sum + loss * n, n_tok + n
     return loss_sum / max(1, n_tok)
+
+
+def validation_loss(run, model, raw_model, val_set, pad_id: int, batch_size: int, step: int) -> float:
+    """train.py's --eval_interval: the answer loss on the held-out examples, logged to metrics.jsonl. model: what
+    trains (maybe a DDP or compiled wrapper), back in training mode after; raw_model: what computes the loss."""
+    model.eval()
+    loss = mean_target_loss(run, raw_model, val_set, pad_id, batch_size)
+    model.train()
+    run.log_jsonl({"step": step, "val_loss": loss})
+    run.log(f"step {step}: validation loss {loss:.4f} ({len(val_set)} held-out examples)")
+    return loss
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ opened again.
                                                               or all for --method full), optimizer, scaler,
                                                               every process's RNG state, step, settings, and a
                                                               fingerprint of the base; adapter.safetensors beside it
-    catch_stop_signals, stop_requested, stop_non_finite       stop after the step, saved; or stop before harm
+    catch_stop_signals, stop_requested                        stop after the step, saved
 """
 import contextlib
 import hashlib
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from data.prompts import PROMPT_FORMATS
 from model import Transformer
-from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_state_dict,
-                     save_moelora)
+from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict,
+                     mark_only_moelora_as_trainable, moelora_state_dict, save_moelora)
 from quantize import quantize_int8
 from tokenizer import Tokenizer
 
@@ -60,9 +60,9 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
 
-    def weights_dtype(self, method: str) -> torch.dtype:
+    def weights_dtype(self, full: bool = False) -> torch.dtype:
         """A frozen base is stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights."""
-        return torch.float32 if method == "full" else self.amp_dtype
+        return torch.float32 if full else self.amp_dtype
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling for fp16, whose narrow exponent range would let small gradients underflow; off otherwise."""
@@ -415,6 +415,22 @@ def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
     return model, tok
 
 
+def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig, seed: int):
+    """(model, tokenizer) of a new run: the base with fresh adapters (adapter: their config) drawn after seeding torch
+    with seed, and only they train; adapter None (--method full): every weight of the base trains."""
+    model, tok = load_base(path, precision.device, precision.weights_dtype(full=adapter is None), quantize)
+    if adapter is None:
+        return model.requires_grad_(True), tok
+    # the adapters' random start depends on the seed alone, not on whether a tiny base was built in this process:
+    # tutorial/routing.py redraws the routers as they were at step 0 from it
+    torch.manual_seed(seed)
+    try:
+        inject_moelora(model, adapter)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    return mark_only_moelora_as_trainable(model), tok
+
+
 def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: bool = True):
     """(model, tokenizer, SavedRun): the trained run in out_dir, in eval mode: its base, quantised as the run's was,
     with the trained weights (adapter=False: without them), on precision's device and in its dtype (default:
@@ -429,7 +445,7 @@ def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: boo
         raise SystemExit(f"error: the base model {path} does not exist" + ("" if base else f" (it is where "
                          f"{saved.source.name} says the run found it); give --model the path of that base"))
     method = saved.settings["method"]
-    model, tok = load_base(path, precision.device, precision.weights_dtype(method), saved.settings.get("quantize", "none"))
+    model, tok = load_base(path, precision.device, precision.weights_dtype(full=method == "full"), saved.settings.get("quantize", "none"))
     fingerprint = base_fingerprint(model, path)  # of the base: a full run's weights replace it
     weights = load_trained(model, saved, path) if adapter else None
     check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
@@ -697,10 +713,3 @@ def stop_requested(run: Run, stop: dict) -> bool:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = t.item() > 0
     return flag
-
-
-def stop_non_finite(run: Run, what: str, step: int, saved_step):
-    # nothing is saved from here on: the checkpoint on disk is the last one with finite weights
-    raise SystemExit(f"error: {what} at step {step}; stopped without saving. The last good checkpoint is "
-                     f"{run.out_dir / 'ckpt.pt'}" + (f" (step {saved_step})" if saved_step is not None else " (none yet)")
-                     + ". Lower --lr, or use --dtype bf16 instead of fp16.")

@@ -23,7 +23,7 @@ import random
 import re
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +34,18 @@ from tqdm import tqdm
 
 from data.batches import collate
 from data.grading import EVAL_KINDS
-from data.mixtures import format_mixture_report, load_mixture, overlaps
 from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, tokenize_dataset
-from data.tasks import ALL_TASKS, FAMILIES, DataError, find_data_dir, load_split
-from evaluate import grade, load_tests, mean_target_loss
+from data.tasks import ALL_TASKS, FAMILIES, find_data_dir
+from data.training import hold_out, load_training_examples, tokenize_train_set
+from evaluate import grade, load_tests, validation_loss
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
-from moelora import (GATES, MoELoRAConfig, inject_moelora, is_linear, mark_only_moelora_as_trainable,
-                     moelora_aux_losses, moelora_config, moelora_routing_stats, moelora_token_mask)
+from moelora import (GATES, MoELoRAConfig, is_linear, moelora_aux_losses, moelora_config, moelora_routing_stats,
+                     moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
-                  check_out_dir, default_device, keep_best, keep_checkpoint, load_base, load_run, open_run, plot_curves,
+                  check_out_dir, default_device, keep_best, keep_checkpoint, load_run, new_model, open_run, plot_curves,
                   prepare_out_dir, resume_from_checkpoint, run_info, save_checkpoint, settings_from_run,
-                  setup_distributed, setup_precision, stop_non_finite, stop_requested)
+                  setup_distributed, setup_precision, stop_requested)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
 
 # -----------------------------------------------------------------------------------------------------
@@ -169,10 +169,10 @@ def parse_args(argv=None) -> Settings:
     """The settings, resolved once: the command line; with --eval_only or --resume, what comes from the run in out_dir
     (runs.settings_from_run); the preset's values for what is still unset; then every check. Read-only from then on."""
     p = argument_parser()
-    values, notes = vars(p.parse_args(argv)), []
+    values, given, notes = vars(p.parse_args(argv)), flags_given(p, argv), []
     saved = open_run(Path(values["out_dir"])) if values["eval_only"] or values["resume"] else None
     if saved is not None:
-        values, notes = settings_from_run(values, flags_given(p, argv), saved)
+        values, notes = settings_from_run(values, given, saved)
     try:  # the base's shape from its config alone, before any weight is read
         shape = TINY_MODEL if values["model"] is None else read_model_args(values["model"])
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
@@ -293,7 +293,7 @@ def main(argv=None):
 
     data_dir = find_data_dir(args.data_dir)
     tests, missing, graded_as = load_tests(args, run.log, data_dir)
-    train_examples = [] if args.eval_only else load_training_examples(args, run, data_dir, tests)
+    train_examples = [] if args.eval_only else load_training_examples(args, run.log, data_dir, tests)
     if args.eval_limit:
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
     model, tok, base, step = load_model(args, run, data_dir, train_examples, tests)
@@ -301,12 +301,10 @@ def main(argv=None):
 
     train_set = val_set = None
     if not args.eval_only:
-        train_examples, val_examples = hold_out(args, run, train_examples)
+        train_examples, val_examples = hold_out(args, run.log, train_examples)
         max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
-        train_set = tokenize_train_set(args, run, tok, train_examples, max_seq_len)
+        train_set = tokenize_train_set(args, run.log, tok, train_examples, max_seq_len)
         val_set = tokenize_dataset(tok, val_examples, max_seq_len, args.prompt_format)[0] if val_examples else None
-        if not batch_order(len(train_set.pairs), args.batch_size, 0, args.seed):
-            raise SystemExit(f"error: {len(train_set.pairs)} training examples is fewer than one batch of {args.batch_size}")
     info = run_info(args, run, base, train_examples, tests)
     check_against_the_run(args, run, info)
     prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
@@ -341,111 +339,31 @@ def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> t
     trained weights, checked against its base); otherwise the base gets fresh adapters of --method (--resume loads its
     checkpoint into them when training starts). base: its path and fingerprint; step: the run's, or None."""
     saved = open_run(run.out_dir) if args.eval_only or args.resume else None
+    adapter = None if args.method == "full" else moelora_config_from(args)
     path = args.model
     if path is None and saved is not None and Path(saved.base).exists():
         path = saved.base  # the run's own tiny base, from the cache
     elif path is None:
         texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
-                 load_training_examples(args, run, data_dir, tests)]
+                 load_training_examples(args, run.log, data_dir, tests)]
         path = tiny_base_dir(tiny_base_cache(), args.task, texts, args.pretrain_steps, args.seed)
         if run.rank == 0:
             build_tiny_base(path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
         if run.world_size > 1:
             dist.barrier()  # the other processes wait for rank 0 to build the tiny base
-    if args.eval_only and saved is not None and saved.step is not None:
+    if args.eval_only and saved is not None and saved.step is not None:  # a trained run, graded again
         model, tok, saved = load_run(run.out_dir, run.precision, path)
-        log_base(run, path, model, run.precision.weights_dtype(args.method), args.quantize)
-        run.log(f"evaluating {saved.weights} (step {saved.step})")
-        return model, tok, {**saved.fingerprint, "path": saved.base}, saved.step
-    model, tok = base_with_adapters(args, run, path)
-    return model, tok, base_fingerprint(model, path), None
-
-
-def hold_out(args, run: Run, examples: list) -> tuple:
-    """(training examples, validation examples): with --eval_interval, --val_examples of them are held out of training.
-    The same ones for every --seed (a fixed draw), so that runs of different seeds are checked on the same slice."""
-    if not args.eval_interval:
-        return examples, []
-    if args.val_examples >= len(examples):
-        raise SystemExit(f"error: --val_examples {args.val_examples} leaves no training example of {len(examples)}: "
-                         "give fewer")
-    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:args.val_examples].tolist())
-    run.log(f"--eval_interval {args.eval_interval}: {len(held)} of the {len(examples)} training examples held out of "
-            "training, for the validation loss")
-    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
-
-
-@dataclass
-class TrainSet:
-    pairs: list  # (tokens, labels) per example
-    sources: list  # the index in names of each example's source
-    names: list  # the sources: one task, a training file, or the tasks of a family's mixture
-
-
-def load_training_examples(args, run: Run, data_dir, tests: dict) -> list:
-    """The training examples, each with a "source". A family trains on --train_file or on the mixture of the
-    train splits it has, without the questions that any of its benchmarks asks."""
-    try:
-        if args.task in FAMILIES:
-            examples, report = load_mixture(args.task, data_dir, args.train_file, test_sets=tests)
-            for line in format_mixture_report(report):
-                run.log(line)
-            return examples
-        examples = load_split(args.task, "train", data_dir, args.train_file)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    source = Path(args.train_file).stem if args.train_file else args.task
-    shared = {task: len(idx) for task, idx in overlaps(examples, tests).items() if idx}
-    if shared:
-        run.log("WARNING: the training examples share questions with the graded benchmarks: " + ", ".join(
-            f"{n} with {task} (of its {len(tests[task])})" for task, n in shared.items())
-            + ". A model trained on them is graded on questions it has seen.")
-    return [dict(ex, source=source) for ex in examples]
-
-
-def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> TrainSet:
-    names = list(dict.fromkeys(ex["source"] for ex in examples))  # in order of appearance
-    pairs, sources, n_trunc, n_drop = [], [], 0, 0
-    for s, name in enumerate(names):
-        p, t, d = tokenize_dataset(tok, [ex for ex in examples if ex["source"] == name], max_seq_len, args.prompt_format)
-        pairs += p
-        sources += [s] * len(p)
-        n_trunc, n_drop = n_trunc + t, n_drop + d
-    limit = f" (the model's limit; --max_seq_len is {args.max_seq_len})" if max_seq_len < args.max_seq_len else ""
-    run.log(f"{len(examples)} training examples: {n_trunc} truncated to {max_seq_len} tokens{limit}, "
-            f"{n_drop} dropped (prompt alone over the cutoff)")
-    if len(names) > 1:
-        run.log("sources, shuffled together (each epoch visits every example once): " + ", ".join(
-            f"{name} {sources.count(s):,} ({sources.count(s) / len(pairs):.1%})" for s, name in enumerate(names)))
-    if not pairs:
-        raise SystemExit("error: no training example is left after tokenization")
-    return TrainSet(pairs, sources, names)
-
-
-def base_with_adapters(args, run: Run, path):
-    """The frozen base model and its tokenizer, with fresh adapters of --method injected (full: every weight trains)."""
-    dtype = run.precision.weights_dtype(args.method)
-    model, tok = load_base(path, run.device, dtype, args.quantize)
-    log_base(run, path, model, dtype, args.quantize)
-    if args.method == "full":
-        model.requires_grad_(True)
-    else:
-        # the adapters' random start depends on --seed alone, not on whether a tiny base was built in this process:
-        # tutorial/routing.py redraws the routers as they were at step 0 from it
-        torch.manual_seed(args.seed + run.rank)
-        try:
-            inject_moelora(model, moelora_config_from(args))
-        except (ValueError, TypeError) as e:
-            raise SystemExit(f"error: {e}")
-        mark_only_moelora_as_trainable(model)
+        base, step = {**saved.fingerprint, "path": saved.base}, saved.step
+    else:  # --resume loads its checkpoint into the fresh adapters when training starts
+        model, tok = new_model(path, run.precision, args.quantize, adapter, args.seed + run.rank)
+        base, step = base_fingerprint(model, path), None
     model.grad_checkpointing = args.grad_checkpointing
-    return model, tok
-
-
-def log_base(run: Run, path, model, dtype, quantize: str):
     n = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(("lora_A", "lora_B", "router.weight")))
-    run.log(f"base model: {path} ({n / 1e6:.1f}M parameters, {dtype}{', int8 linear layers' * (quantize == 'int8')}, "
-            f"{run.device}, autocast {run.amp_dtype})")
+    run.log(f"base model: {path} ({n / 1e6:.1f}M parameters, {run.precision.weights_dtype(args.method == 'full')}"
+            f"{', int8 linear layers' * (args.quantize == 'int8')}, {run.device}, autocast {run.amp_dtype})")
+    if step is not None:
+        run.log(f"evaluating {saved.weights} (step {step})")
+    return model, tok, base, step
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -502,7 +420,7 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, base: dict)
                 t0, positions = time.time(), 0
             stopping = stop_requested(run, stop)
             checked = val_set is not None and (step % args.eval_interval == 0 or step == total_steps)
-            val_loss = validation_loss(args, run, model, raw_model, val_set, tok.pad_id, step) if checked else None
+            val_loss = validation_loss(run, model, raw_model, val_set, tok.pad_id, args.eval_batch_size, step) if checked else None
             if step % args.save_interval == 0 or step == last_step or stopping or checked:
                 save_checkpoint(run, args, raw_model, optimizer, step, base)
                 keep_checkpoint(run, step, args.keep_last)
@@ -526,16 +444,6 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, base: dict)
     if best < math.inf:
         run.log(f"the best checkpoint by validation loss ({best:.4f}) is in {run.out_dir / 'best'}")
     return step
-
-
-def validation_loss(args, run: Run, model, raw_model, val_set, pad_id: int, step: int) -> float:
-    """--eval_interval: the answer loss on the held-out examples, logged to metrics.jsonl."""
-    model.eval()
-    loss = mean_target_loss(run, raw_model, val_set, pad_id, args.eval_batch_size)
-    model.train()
-    run.log_jsonl({"step": step, "val_loss": loss})
-    run.log(f"step {step}: validation loss {loss:.4f} ({len(val_set)} held-out examples)")
-    return loss
 
 
 def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
@@ -626,6 +534,13 @@ def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, s
     run.scaler.step(optimizer)
     run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def stop_non_finite(run: Run, what: str, step: int, saved_step):
+    # nothing is saved from here on: the checkpoint on disk is the last one with finite weights
+    raise SystemExit(f"error: {what} at step {step}; stopped without saving. The last good checkpoint is "
+                     f"{run.out_dir / 'ckpt.pt'}" + (f" (step {saved_step})" if saved_step is not None else " (none yet)")
+                     + ". Lower --lr, or use --dtype bf16 instead of fp16.")
 
 
 def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, tokens_per_s: float, source_losses) -> str:

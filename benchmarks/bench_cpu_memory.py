@@ -216,15 +216,15 @@ def run_child(spec: dict):
         once("load")
         return model
     checkpoints.load_pretrained = loading  # Transformer.from_pretrained imports it when called
-    base_with_adapters = train.base_with_adapters
+    new_model = train.new_model
 
     def loading_base(*a, **kw):
-        model, tok = base_with_adapters(*a, **kw)
+        model, tok = new_model(*a, **kw)
         once("inject")
         model.register_forward_hook(lambda m, i, o: once("forward") if m.training else None)
         facts["trainable_bytes"] = sum(p.nbytes for p in model.parameters() if p.requires_grad)
         return model, tok
-    train.base_with_adapters = loading_base
+    train.new_model = loading_base  # the base with its fresh adapters
     backward = torch.autograd.backward
 
     def backward_marked(*a, **kw):

@@ -21,7 +21,8 @@ import moelora
 import runs
 import train
 from data.prompts import eval_prompt_tokens, tokenize_dataset
-from data.tasks import load_split
+from data import training
+from data.tasks import FAMILIES, load_split
 from model import Transformer
 from moelora import MoELoRAConfig, inject_moelora
 from tokenizer import Tokenizer
@@ -178,8 +179,8 @@ def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     assert str(error.value) == (f"error: --quantize none, but the run in {tmp_path / 'split'} has --quantize int8 ("
                                 f"{tmp_path / 'split' / 'run.json'}): leave those flags out (they come from the run), or "
                                 "choose another --out_dir")
-    model, _ = train.base_with_adapters(train.parse_args(small_run(tmp_path, *common)), runs.Run(
-        0, 1, runs.Precision("cpu", torch.float32), None, tmp_path), shared_path("models/stories260K-hf"))
+    model, _ = runs.new_model(shared_path("models/stories260K-hf"), runs.Precision("cpu", torch.float32), "int8",
+                              train.moelora_config_from(train.parse_args(small_run(tmp_path, *common))), seed=0)
     assert isinstance(model.layers[0].attention.wq.base_layer, Int8Linear) and isinstance(model.layers[0].feed_forward.w1, Int8Linear)
     floats = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and "router" not in name]
     assert floats == (["output"] if model.args.tie_word_embeddings else [])  # a tied one is kept, not stored twice
@@ -311,13 +312,13 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys, monkeypatch):
     # the stand-in mixture: GSM8K and MAWPS train splits, without the questions the benchmarks ask
     assert "mawps" in text and "321" in text  # MAWPS' train split repeats 321 AddSub questions
     results = json.loads((tmp_path / "results_math_first3.json").read_text())
-    assert list(results["benchmarks"]) == list(train.FAMILIES["math"]) and results["missing"] == {}
+    assert list(results["benchmarks"]) == list(FAMILIES["math"]) and results["missing"] == {}
     assert all(r["n"] == 3 for r in results["benchmarks"].values())
     mean = sum(r["accuracy"] for r in results["benchmarks"].values()) / 6
     assert results["average_accuracy"] == pytest.approx(mean)
     table = (tmp_path / "results_math_first3.md").read_text()
     assert table.startswith("| model | method | addsub | aqua | gsm8k | multiarith | singleeq | svamp | average |")
-    for task in train.FAMILIES["math"]:
+    for task in FAMILIES["math"]:
         assert (tmp_path / f"predictions_{task}_first3.jsonl").exists()
     # a training loss per source in metrics.jsonl
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -326,7 +327,7 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys, monkeypatch):
     assert f"python tutorial/routing_per_task.py {tmp_path}" in text
     routing = json.loads(routing_per_task.routing_of_run(tmp_path).read_text())
     assert routing_per_task.routing_of_run(tmp_path).name == "routing_math_first3.json"
-    assert routing["tasks"] == list(train.FAMILIES["math"])
+    assert routing["tasks"] == list(FAMILIES["math"])
     for layer in routing["layers"].values():
         for which in ("trained", "initial"):
             assert 0 <= layer[which]["mi_bits"] <= routing["h_task_bits"] + 1e-9
@@ -339,7 +340,7 @@ def test_commonsense_family_reports_the_missing_benchmark(tmp_path, capsys):
     train.main(family_run(tmp_path, "commonsense", "--max_steps", "1"))
     results = json.loads((tmp_path / "results_commonsense_first3.json").read_text())
     assert "hellaswag" in results["missing"] and "hellaswag" not in results["benchmarks"]
-    assert list(results["benchmarks"]) == [t for t in train.FAMILIES["commonsense"] if t != "hellaswag"]
+    assert list(results["benchmarks"]) == [t for t in FAMILIES["commonsense"] if t != "hellaswag"]
     table = (tmp_path / "results_commonsense_first3.md").read_text()
     assert "| missing |" in table and "average is over the 7 graded benchmarks" in table
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -836,12 +837,12 @@ def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
     args = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2"))
     r = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
     model, tok, _ = runs.load_run(run / "best", r.precision)
-    examples = train.load_training_examples(args, r, shared_path("data"), {})
-    kept, held = train.hold_out(args, r, examples)
+    examples = training.load_training_examples(args, r.log, shared_path("data"), {})
+    kept, held = training.hold_out(args, r.log, examples)
     assert len(held) == 8 and len(kept) == len(examples) - 8
     assert {e["instruction"] for e in kept}.isdisjoint({e["instruction"] for e in held})
     other_seed = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2", "--seed", "5"))
-    assert train.hold_out(other_seed, r, examples)[1] == held  # the same slice for every seed
+    assert training.hold_out(other_seed, r.log, examples)[1] == held  # the same slice for every seed
     pairs = tokenize_dataset(tok, held, args.max_seq_len)[0]
     assert evaluate.mean_target_loss(r, model.eval(), pairs, tok.pad_id, args.eval_batch_size) == pytest.approx(val[6], rel=1e-5)
 
