@@ -352,9 +352,9 @@ class SavedRun:
     settings: dict  # every setting of the run: run.json's, or (a run of an older version) ckpt.pt's config
     source: Path  # the file the settings come from
     base: str  # where the run found its base; in what load_run returns, where it was loaded from
-    step: int = None  # of ckpt.pt; None when the run saved no checkpoint yet
-    fingerprint: dict = None  # of the base the checkpoint was trained on (base_fingerprint)
-    weights: Path = None  # in what load_run returns: the file the trained weights came from (None: the base alone)
+    step: int | None = None  # of ckpt.pt; None when the run saved no checkpoint yet
+    fingerprint: dict | None = None  # of the base the checkpoint was trained on (base_fingerprint)
+    weights: Path | None = None  # in what load_run returns: the file the trained weights came from (None: the base alone)
 
     @property
     def checkpoint(self) -> Path:
@@ -418,7 +418,7 @@ def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
 def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig, seed: int):
     """(model, tokenizer) of a new run: the base with fresh adapters (adapter: their config) drawn after seeding torch
     with seed, and only they train; adapter None (--method full): every weight of the base trains."""
-    model, tok = load_base(path, precision.device, precision.weights_dtype(full=adapter is None), quantize)
+    model, tok = load_base(path, precision.device, precision.weights_dtype(adapter is None), quantize)
     if adapter is None:
         return model.requires_grad_(True), tok
     # the adapters' random start depends on the seed alone, not on whether a tiny base was built in this process:
@@ -434,8 +434,8 @@ def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig,
 def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: bool = True):
     """(model, tokenizer, SavedRun): the trained run in out_dir, in eval mode: its base, quantised as the run's was,
     with the trained weights (adapter=False: without them), on precision's device and in its dtype (default:
-    setup_precision's choice). base: the base's path, when it is no longer where the run found it. The base is
-    checked against the fingerprint the run recorded; what does not fit is one line."""
+    setup_precision's choice). base: the base's path, when it is no longer where the run found it. With the weights,
+    the base is checked against the fingerprint the run recorded; what does not fit is one line."""
     saved = open_run(Path(out_dir), need_checkpoint=True)
     precision = precision or setup_precision()
     path = Path(base or saved.base)
@@ -444,11 +444,12 @@ def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: boo
     if not path.exists():
         raise SystemExit(f"error: the base model {path} does not exist" + ("" if base else f" (it is where "
                          f"{saved.source.name} says the run found it); give --model the path of that base"))
-    method = saved.settings["method"]
-    model, tok = load_base(path, precision.device, precision.weights_dtype(full=method == "full"), saved.settings.get("quantize", "none"))
-    fingerprint = base_fingerprint(model, path)  # of the base: a full run's weights replace it
-    weights = load_trained(model, saved, path) if adapter else None
-    check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
+    full, quantize = saved.settings["method"] == "full", saved.settings.get("quantize", "none")
+    model, tok = load_base(path, precision.device, precision.weights_dtype(full), quantize)
+    fingerprint, weights = base_fingerprint(model, path), None  # of the base: a full run's weights replace it
+    if adapter:  # the base alone (sample.py --no_adapter) is the base asked for: nothing to check it against
+        weights = load_trained(model, saved, path)
+        check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
     return model.eval(), tok, replace(saved, base=str(path), weights=weights)
 
 

@@ -113,7 +113,7 @@ def load_model(args, precision):
     """(the run's base with its trained weights, or without them for --no_adapter, in eval mode; tokenizer), opened by
     runs.load_run; what was loaded goes to stderr."""
     model, tok, saved = load_run(Path(args.out_dir), precision, args.model, adapter=not args.no_adapter)
-    dtype = precision.weights_dtype(full=saved.settings["method"] == "full")
+    dtype = precision.weights_dtype(saved.settings["method"] == "full")
     described = str(dtype)
     if saved.settings.get("quantize") == "int8":  # as train.py: the base is quantised before the adapters go in
         group = next(m.group_size for m in model.modules() if isinstance(m, Int8Linear))

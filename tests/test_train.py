@@ -589,6 +589,9 @@ def test_mixed_precision_on_the_cpu(tmp_path, dtype, monkeypatch):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for k, v in ckpt["weights"].items() if k != "moelora_config")
     assert ckpt["scaler"] == {} if dtype == "bf16" else ckpt["scaler"]["scale"] > 0
+    # the run held its base in the low dtype: it opens in float32 all the same (the base's check allows for it)
+    _, _, saved = runs.load_run(tmp_path, runs.Precision("cpu", torch.float32))
+    assert saved.step == 2 and saved.weights.name == "adapter.safetensors"
     if dtype == "fp16":
         # fp16's first step overflows at the scaler's initial 2^16 and is skipped; the second step is taken.
         # An inf put into the second step's gradient must make the scaler skip that one too and halve again
