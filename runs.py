@@ -8,10 +8,10 @@ opened again.
     check_out_dir, prepare_out_dir, move_run_aside            never replace earlier work unasked
     run_info, settings_from_run, check_against_the_run        run.json: what a run is; --eval_only and --resume
                                                               take its base, adapter and prompt again
-    open_run, load_run, load_base, check_base                 a run on disk: what it recorded (SavedRun), and its
+    open_run, load_run, new_model, load_base, check_base      a run on disk: what it recorded (SavedRun), and its
                                                               base with its trained weights, for train.py --eval_only,
-                                                              sample.py and the tutorial's scripts; every base is
-                                                              read by load_base
+                                                              sample.py and the tutorial's scripts; a new run's base
+                                                              with fresh adapters; every base is read by load_base
     keep_checkpoint, keep_best, plot_curves                   --keep_last, best/ and curves.png
     save_checkpoint, resume_from_checkpoint                   ckpt.pt: the trainable weights (adapters only,
                                                               or all for --method full), optimizer, scaler,
@@ -342,8 +342,9 @@ def check_against_the_run(args, run: Run, info: dict):
         raise SystemExit(f"error: {'; '.join(problems)} ({run.out_dir / RUN_JSON})")
 
 
-# --- a run on disk, opened again: train.py --eval_only, sample.py and the tutorial's scripts call load_run; --resume
-# continues from the same checkpoint (resume_from_checkpoint), with the same checks of its base
+# --- a run's model: a new run's (new_model), or a run on disk opened again (load_run: train.py --eval_only, sample.py
+# and the tutorial's scripts); --resume continues from the same checkpoint (resume_from_checkpoint), its base checked
+# the same way
 
 @dataclass(frozen=True)
 class SavedRun:

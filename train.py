@@ -12,8 +12,9 @@ Three presets hold the defaults that depend on the model's size: tiny for a base
 1.3M one, or stories260K), small_cpu for one under 1B on a CPU (SmolLM2-135M) and llama-7b otherwise; see PRESETS below. Flags given on the command line win.
 
 Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step). Beside this
-file: evaluate.py grades (generation, answer extraction, the result files), runs.py is the plumbing that is not a
-loop (processes, precision, out_dir, checkpoints that resume exactly, stop signals) and tiny_base.py the built-in base.
+file: evaluate.py grades (generation, answer extraction, the result files); runs.py is the plumbing that is not a
+loop (processes, precision, out_dir, the model of a new run or of a saved one, checkpoints that resume exactly, stop
+signals); data/training.py reads what a run trains on, and tiny_base.py builds the built-in base.
 """
 import argparse
 import contextlib
