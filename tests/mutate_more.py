@@ -59,6 +59,8 @@ RUN_MUTATIONS = [  # (file, what it breaks, text, replacement)
     ("runs.py", "--resume takes nothing from the run", "        values[key] = theirs\n", "        pass\n"),
     ("runs.py", "--resume does not check the training data", "if args.resume and then[\"sha256\"] != now[\"sha256\"]:",
      "if False:"),
+    ("runs.py", "a saved run opens on another base unchecked",
+     "        check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)\n", ""),
 ]
 
 
