@@ -1,17 +1,23 @@
 """
 A training run's plumbing, apart from its loops (train.py): which process this is and how it computes, the
-out_dir and its files, checkpoints that resume exactly, and stopping on a signal without losing work.
+out_dir and its files, checkpoints that resume exactly, stopping on a signal without losing work, and a run on disk
+opened again.
 
-    Run, setup_distributed, setup_precision, all_reduce_sum     the run's context: rank, device, precision
+    Run, Precision, setup_precision, setup_distributed        the run's context: rank, device, precision (also
+                                                              sample.py's), all_reduce_sum
     check_out_dir, prepare_out_dir, move_run_aside            never replace earlier work unasked
     run_info, settings_from_run, check_against_the_run        run.json: what a run is; --eval_only and --resume
-                                                              open it again with its base, adapter and prompt
+                                                              take its base, adapter and prompt again
+    open_run, load_run, new_model, load_base, check_base      a run on disk: what it recorded (SavedRun), and its
+                                                              base with its trained weights, for train.py --eval_only,
+                                                              sample.py and the tutorial's scripts; a new run's base
+                                                              with fresh adapters; every base is read by load_base
     keep_checkpoint, keep_best, plot_curves                   --keep_last, best/ and curves.png
-    save_checkpoint, resume_from_checkpoint, load_checkpoint  ckpt.pt: the trainable weights (adapters only,
+    save_checkpoint, resume_from_checkpoint                   ckpt.pt: the trainable weights (adapters only,
                                                               or all for --method full), optimizer, scaler,
                                                               every process's RNG state, step, settings, and a
                                                               fingerprint of the base; adapter.safetensors beside it
-    catch_stop_signals, stop_requested, stop_non_finite       stop after the step, saved; or stop before harm
+    catch_stop_signals, stop_requested                        stop after the step, saved
 """
 import contextlib
 import hashlib
@@ -24,7 +30,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +39,54 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.prompts import PROMPT_FORMATS
-from moelora import load_moelora_state_dict, moelora_state_dict, save_moelora
+from model import Transformer
+from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict,
+                     mark_only_moelora_as_trainable, moelora_state_dict, save_moelora)
+from quantize import quantize_int8
+from tokenizer import Tokenizer
 
 
 RUN_JSON = "run.json"  # what a run was: every setting, the base, the data, the code; written before its first step
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where a model computes and in which dtype: chosen by setup_precision, for training, grading and sample.py."""
+    device: str
+    amp_dtype: torch.dtype  # autocast dtype; float32 means no autocast
+
+    def autocast(self):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
+
+    def weights_dtype(self, full: bool = False) -> torch.dtype:
+        """A frozen base is stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights."""
+        return torch.float32 if full else self.amp_dtype
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16, whose narrow exponent range would let small gradients underflow; off otherwise."""
+        return torch.amp.GradScaler(self.device.split(":")[0], enabled=self.amp_dtype == torch.float16)
 
 
 @dataclass
 class Run:
     rank: int  # this process (torchrun's RANK); rank 0 logs, saves and grades
     world_size: int  # processes under torchrun, else 1
-    device: str
-    amp_dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    precision: Precision
     scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only
     out_dir: Path
 
+    @property
+    def device(self) -> str:
+        return self.precision.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return self.precision.amp_dtype
+
     def autocast(self):
-        if self.amp_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype)
+        return self.precision.autocast()
 
     def log(self, msg: str):
         if self.rank == 0:
@@ -63,12 +98,17 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
 
-def setup_distributed(args):
-    """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise (nanoGPT's way)."""
+def default_device(device=None) -> str:
+    """--device as given, else cuda where torch has a GPU, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_distributed(device=None):
+    """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise (nanoGPT's way),
+    on --device (default_device). Each process of torchrun takes the GPU of its local rank."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+        return 0, 1, default_device(device)
+    cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if cuda else 0
     if cuda and per_node > gpus:  # each process takes the GPU of its local rank: some would find none
         raise SystemExit(f"error: torchrun started {per_node} processes on this node, which has {gpus} GPU(s): use "
@@ -81,10 +121,12 @@ def setup_distributed(args):
     return rank, dist.get_world_size(), device
 
 
-def setup_precision(dtype: str, device: str):
-    """(autocast dtype, gradient scaler). auto: on CUDA, bf16 autocast where the GPU supports it, else fp16, whose
-    narrow exponent range needs the loss scaled so that small gradients do not underflow; on CPU, float32. bf16
-    and fp16 given explicitly also work on the CPU (slowly): that is how CI exercises these branches."""
+def setup_precision(dtype: str = "auto", device=None) -> Precision:
+    """The device (default_device) and the autocast dtype, for training, grading and sample.py alike. auto: on CUDA,
+    bf16 autocast where the GPU supports it, else fp16, whose narrow exponent range needs the loss scaled
+    (Precision.grad_scaler); on CPU, float32. bf16 and fp16 given explicitly also work on the CPU (slowly): that is
+    how CI exercises these branches."""
+    device = default_device(device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -98,7 +140,7 @@ def setup_precision(dtype: str, device: str):
     if amp_dtype == torch.bfloat16 and not cuda and cpu_has_native_bf16() is False:
         tqdm.write("WARNING: --dtype bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16): torch falls back to "
                    "a slow path, 150x float32's time for a 2048-wide matmul on an AVX2 CPU (measured). Use --dtype fp32")
-    return amp_dtype, torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
+    return Precision(device, amp_dtype)
 
 
 def cpu_has_native_bf16():
@@ -223,21 +265,6 @@ def read_run_json(out_dir: Path):
         raise SystemExit(f"error: cannot read {path} ({e}): repair it, or delete it to fall back on ckpt.pt's settings")
 
 
-def read_run_settings(out_dir: Path):
-    """(the settings a run in out_dir recorded, the file they come from), or None when out_dir holds no run: run.json,
-    else (a run of an older version) the config inside ckpt.pt."""
-    recorded = read_run_json(out_dir)
-    if recorded is not None:
-        return recorded["settings"], out_dir / RUN_JSON
-    if (out_dir / "ckpt.pt").is_file():
-        try:  # mmap: a --method full checkpoint holds the whole model, of which only the config is read here
-            return torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"], out_dir / "ckpt.pt"
-        except Exception as e:
-            raise SystemExit(f"error: cannot read checkpoint {out_dir / 'ckpt.pt'} ({str(e).splitlines()[0]}); it may be "
-                             "truncated or not a checkpoint: delete it or choose another --out_dir")
-    return None
-
-
 # --- run.json: what a run is, and opening it again (--eval_only, --resume)
 
 # what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
@@ -246,31 +273,28 @@ RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "m
 PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
 
 
-def settings_from_run(args, given: set):
+def settings_from_run(values: dict, given: set, saved: "SavedRun") -> tuple:
     """--eval_only and --resume open the run in out_dir: its base, --quantize and adapter come from it, and with --resume
-    every setting not given again. A flag given with a value other than the run's is one line naming both, where the
-    run is defined by it; elsewhere (--lr, --max_steps...) the new value wins, and main logs it."""
-    args.changed_from_run, args.run_base = [], None
-    found = read_run_settings(Path(args.out_dir)) if args.eval_only or args.resume else None
-    if found is None:
-        return
-    recorded, source = found
-    fixed = RESUME_IDENTITY if args.resume else RUN_IDENTITY
-    taken = [k for k in recorded if hasattr(args, k) and k not in PER_SESSION] if args.resume else fixed
-    problems = []
-    for key in (k for k in taken if k in recorded):
-        mine, theirs = getattr(args, key), recorded[key]
+    every setting not given again. values: the command line's; returns (values with the run's in them, the notes main
+    logs). A flag given with a value other than the run's is one line naming both, where the run is defined by it;
+    elsewhere (--lr, --max_steps...) the new value wins, and a note says so."""
+    resume = values["resume"]
+    fixed = RESUME_IDENTITY if resume else RUN_IDENTITY
+    taken = [k for k in saved.settings if k in values and k not in PER_SESSION] if resume else fixed
+    values, notes, problems = dict(values), [], []
+    for key in (k for k in taken if k in saved.settings):
+        mine, theirs = values[key], saved.settings[key]
         if key in given and not same_setting(key, mine, theirs):
             if key in fixed:
-                problems.append(f"{show_flag(key, mine)}, but the run in {args.out_dir} has {show_flag(key, theirs)}")
+                problems.append(f"{show_flag(key, mine)}, but the run in {values['out_dir']} has {show_flag(key, theirs)}")
             else:
-                args.changed_from_run.append(f"{show_flag(key, mine)} (the run had {theirs})")
+                notes.append(f"--resume: {show_flag(key, mine)} (the run had {theirs})")
             continue
-        setattr(args, key, theirs)
+        values[key] = theirs
     if problems:
-        raise SystemExit(f"error: {'; '.join(problems)} ({source}): leave those flags out (they come from the run), or "
-                         "choose another --out_dir")
-    args.run_base = recorded.get("base")
+        raise SystemExit(f"error: {'; '.join(problems)} ({saved.source}): leave those flags out (they come from the run), "
+                         "or choose another --out_dir")
+    return values, notes
 
 
 def same_setting(key: str, a, b) -> bool:
@@ -283,13 +307,12 @@ def show_flag(key: str, value) -> str:
     return "the built-in tiny base" if key == "model" and value is None else f"--{key} {value}"
 
 
-def run_info(args, run: Run, fingerprint: dict, train_examples: list, tests: dict) -> dict:
+def run_info(args, run: Run, base: dict, train_examples: list, tests: dict) -> dict:
     """What run.json records: every resolved setting, the base, the data (files and the examples read, hashed), the
     prompt, the code, and where it ran. A run id ties every result file to it."""
     files = {flag: getattr(args, flag) for flag in ("train_file", "eval_file") if getattr(args, flag)}
     return {"run_id": time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("changed_from_run", "run_base")},
-            "base": {"path": args.base, **fingerprint},
+            "settings": dict(vars(args)), "base": base,
             "data": {"files": {flag: {"path": str(Path(f).resolve()), "sha256": sha256_of(Path(f))} for flag, f in files.items()},
                      "train_examples": {"n": len(train_examples), "sha256": sha256_of(train_examples)},
                      "test_sets": {task: {"n": len(ex), "sha256": sha256_of(ex)} for task, ex in tests.items()}},
@@ -317,6 +340,159 @@ def check_against_the_run(args, run: Run, info: dict):
                         "sha256 differs): give the same data")
     if problems:
         raise SystemExit(f"error: {'; '.join(problems)} ({run.out_dir / RUN_JSON})")
+
+
+# --- a run's model: a new run's (new_model), or a run on disk opened again (load_run: train.py --eval_only, sample.py
+# and the tutorial's scripts); --resume continues from the same checkpoint (resume_from_checkpoint), its base checked
+# the same way
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run in out_dir as it recorded itself (open_run reads no weight)."""
+    out_dir: Path
+    settings: dict  # every setting of the run: run.json's, or (a run of an older version) ckpt.pt's config
+    source: Path  # the file the settings come from
+    base: str  # where the run found its base; in what load_run returns, where it was loaded from
+    step: int | None = None  # of ckpt.pt; None when the run saved no checkpoint yet
+    fingerprint: dict | None = None  # of the base the checkpoint was trained on (base_fingerprint)
+    weights: Path | None = None  # in what load_run returns: the file the trained weights came from (None: the base alone)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / "ckpt.pt"
+
+
+def open_run(out_dir: Path, need_checkpoint: bool = False):
+    """The run in out_dir (SavedRun), or None when it holds none: its settings from run.json (a run of an older
+    version: from ckpt.pt's config), ckpt.pt's step and base fingerprint. ckpt.pt is mapped, not read: even a full run's
+    opens in an instant. A damaged file, or no ckpt.pt where one is needed, is one line."""
+    if out_dir.is_file():
+        raise SystemExit(f"error: --out_dir {out_dir} is a file: give the run's folder, where train.py wrote ckpt.pt"
+                         + (f" (--out_dir {out_dir.parent})" if out_dir.name == "ckpt.pt" else ""))
+    recorded = read_run_json(out_dir)
+    ckpt = read_checkpoint(out_dir / "ckpt.pt", mmap=True) if (out_dir / "ckpt.pt").is_file() else None
+    if ckpt is None and (need_checkpoint or recorded is None):
+        if need_checkpoint:
+            raise SystemExit(f"error: no {out_dir / 'ckpt.pt'}: train a run first (python train.py --out_dir {out_dir}), "
+                             "or point --out_dir at one")
+        return None
+    settings = recorded["settings"] if recorded else ckpt["config"]
+    base = recorded["base"]["path"] if recorded else settings.get("base") or settings["model"]
+    if ckpt is None:
+        return SavedRun(out_dir, settings, out_dir / RUN_JSON, base)
+    return SavedRun(out_dir, settings, out_dir / (RUN_JSON if recorded else "ckpt.pt"), base, ckpt["step"], ckpt["base"])
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """ckpt.pt as train.py wrote it (tensors and plain data only: no code runs), or one line saying what is wrong.
+    mmap: the tensors are read from the file when used, not now."""
+    if path.stat().st_size == 0:
+        raise SystemExit(f"error: {path} is empty: the run did not save it, or a copy of it failed")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        # torch's first sentence says what failed; the rest of a damaged zip's message is advice on several lines
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot read {path} ({why}): it is damaged, or not a checkpoint train.py wrote")
+    if not isinstance(ckpt, dict) or not {"config", "step", "weights", "base"} <= ckpt.keys():
+        raise SystemExit(f"error: {path} is not a checkpoint train.py wrote (it has no run config, step and weights)")
+    return ckpt
+
+
+def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
+    """(the base model, its tokenizer) from a checkpoint (model.py reads Meta, HF, llama2.c and GGUF), its weights in
+    dtype on device; --quantize int8: quantised on the CPU first (7B in bf16 would not fit a 16 GB GPU first). Every
+    base is read here."""
+    try:
+        model = Transformer.from_pretrained(path, dtype=dtype, device="cpu" if quantize == "int8" else device)
+        tok = Tokenizer.from_dir(path)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise SystemExit(f"error: cannot load --model {path}: {e}")
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"error: {path}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    if quantize == "int8":
+        quantize_int8(model)
+        model.to(device)
+    return model, tok
+
+
+def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig, seed: int):
+    """(model, tokenizer) of a new run: the base with fresh adapters (adapter: their config) drawn after seeding torch
+    with seed, and only they train; adapter None (--method full): every weight of the base trains."""
+    model, tok = load_base(path, precision.device, precision.weights_dtype(adapter is None), quantize)
+    if adapter is None:
+        return model.requires_grad_(True), tok
+    # the adapters' random start depends on the seed alone, not on whether a tiny base was built in this process:
+    # tutorial/routing.py redraws the routers as they were at step 0 from it
+    torch.manual_seed(seed)
+    try:
+        inject_moelora(model, adapter)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    return mark_only_moelora_as_trainable(model), tok
+
+
+def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: bool = True):
+    """(model, tokenizer, SavedRun): the trained run in out_dir, in eval mode: its base, quantised as the run's was,
+    with the trained weights (adapter=False: without them), on precision's device and in its dtype (default:
+    setup_precision's choice). base: the base's path, when it is no longer where the run found it. With the weights,
+    the base is checked against the fingerprint the run recorded; what does not fit is one line."""
+    saved = open_run(Path(out_dir), need_checkpoint=True)
+    precision = precision or setup_precision()
+    path = Path(base or saved.base)
+    if not base and not path.exists() and (saved.out_dir / path.name).exists():
+        path = saved.out_dir / path.name  # a tiny base built inside out_dir (older versions): the run moved with it
+    if not path.exists():
+        raise SystemExit(f"error: the base model {path} does not exist" + ("" if base else f" (it is where "
+                         f"{saved.source.name} says the run found it); give --model the path of that base"))
+    full, quantize = saved.settings["method"] == "full", saved.settings.get("quantize", "none")
+    model, tok = load_base(path, precision.device, precision.weights_dtype(full), quantize)
+    fingerprint, weights = base_fingerprint(model, path), None  # of the base: a full run's weights replace it
+    if adapter:  # the base alone (sample.py --no_adapter) is the base asked for: nothing to check it against
+        weights = load_trained(model, saved, path)
+        check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
+    return model.eval(), tok, replace(saved, base=str(path), weights=weights)
+
+
+def load_trained(model, saved: SavedRun, path: Path) -> Path:
+    """Put the run's trained weights into its base: adapter.safetensors when it is there (plain LoRA is a one-expert
+    MoELoRA: the same file and loader), else ckpt.pt's (--method full: all the weights). Returns where they came from."""
+    adapter, source = saved.out_dir / "adapter.safetensors", saved.checkpoint
+    try:
+        if saved.settings["method"] != "full" and adapter.exists():
+            source = adapter
+            load_moelora(model, adapter)
+        else:
+            weights = read_checkpoint(source, mmap=True)["weights"]
+            if saved.settings["method"] == "full":
+                model.load_state_dict(weights)
+            else:
+                inject_moelora(model, MoELoRAConfig(**weights["moelora_config"]))
+                load_moelora_state_dict(model, weights)
+    except (ValueError, KeyError, RuntimeError) as e:
+        why = str(e).splitlines()[0]
+        why = why if len(why) < 300 else why[:300] + "..."  # a list of every missing key says no more than its start
+        raise SystemExit(f"error: the weights in {source} do not fit the base {path} ({why}); "
+                         + base_hint(path, saved.base))
+    return source
+
+
+def check_base(then: dict, now: dict, checkpoint: Path, path, trained_on):
+    """The base is the one the checkpoint was trained on: the same shape, and weight sums within 1% (the run may have
+    held it in another dtype). then, now: base_fingerprint's."""
+    differ = [f"{k} {v} then, {now['args'].get(k)} now" for k, v in then["args"].items() if now["args"].get(k) != v]
+    if not differ and not torch.allclose(torch.tensor(now["sums"]), torch.tensor(then["sums"]), rtol=1e-2, atol=1e-2):
+        differ = [f"weight sums {then['sums']} then, {now['sums']} now"]
+    if differ:
+        raise SystemExit(f"error: {checkpoint} was trained on another base than {path} ({'; '.join(differ[:3])}): "
+                         + base_hint(path, trained_on))
+
+
+def base_hint(path, trained_on) -> str:
+    """What to do about a base that does not fit the run trained on trained_on."""
+    if Path(path).resolve() == Path(trained_on).resolve():
+        return "has it changed since? Give the run's base as --model, or use another --out_dir"
+    return f"the run was trained on {trained_on}: give that as --model"
 
 
 def link_or_copy(src: Path, dst: Path):
@@ -405,11 +581,12 @@ def trainable_state(model, method: str):
 
 
 @torch.no_grad()
-def base_fingerprint(model) -> dict:
-    # enough to tell one base from another without hashing gigabytes: its shape and two weight sums
+def base_fingerprint(model, path) -> dict:
+    """Where the base is read from, and enough to tell one base from another without hashing gigabytes: its shape
+    and two weight sums."""
     w = model.tok_embeddings.weight
-    return {"args": asdict(model.args), "sums": [round(float(model.norm.weight.float().sum()), 3),
-                                                 round(float(w[: min(8, w.shape[0])].float().sum()), 3)]}
+    return {"path": str(path), "args": asdict(model.args),
+            "sums": [round(float(model.norm.weight.float().sum()), 3), round(float(w[: min(8, w.shape[0])].float().sum()), 3)]}
 
 
 def rng_state() -> dict:
@@ -434,58 +611,39 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
-
-
-def load_checkpoint(path: Path, model, args, fingerprint):
-    """Read a checkpoint and load its weights into model after checking it belongs to this base and config."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({str(e).splitlines()[0]}); it may be truncated, or "
-                         "from an older version of train.py, or not a checkpoint: delete it or choose another --out_dir")
-    if ckpt["base"]["args"] != fingerprint["args"] or ckpt["base"]["sums"] != fingerprint["sums"]:
-        differ = [f"{k} {v} then, {fingerprint['args'].get(k)} now" for k, v in ckpt["base"]["args"].items()
-                  if fingerprint["args"].get(k) != v] or [f"weight sums {ckpt['base']['sums']} then, {fingerprint['sums']} now"]
-        raise SystemExit(f"error: {path} was trained on another base than {args.base} ({'; '.join(differ[:3])}): has it "
-                         "changed since? Give the run's base as --model, or use another --out_dir")
-    quantize = ckpt["config"].get("quantize", "none"), getattr(args, "quantize", "none")  # (the run's, this one's)
-    if quantize[0] != quantize[1]:  # the same base, rounded otherwise
-        raise SystemExit(f"error: {path} was trained on a --quantize {quantize[0]} base, not {quantize[1]}: give the "
-                         "same --quantize")
-    if ckpt["config"]["method"] != args.method:
-        raise SystemExit(f"error: {path} holds --method {ckpt['config']['method']} weights, not {args.method}")
-    try:
-        if args.method == "full":
-            model.load_state_dict(ckpt["weights"])
-        else:
-            load_moelora_state_dict(model, ckpt["weights"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        differ = [f"--{k} {ckpt['config'][k]}" for k in ADAPTER_FLAGS if ckpt["config"].get(k) != getattr(args, k)]
-        raise SystemExit(f"error: {path} does not fit this adapter configuration ({str(e).splitlines()[0]}); it was "
-                         f"trained with {' '.join(differ) or 'other adapter settings'}: give those flags, or use another --out_dir")
-    return ckpt
-
-
-def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, fingerprint: dict):
+def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, base: dict):
     # every process's RNG state: a resumed run draws the same dropout masks and contrastive samples
     rngs = [None] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
-    if run.rank == 0:
+    if run.rank == 0:  # config: the settings, and where the base was read (export_peft.py and older readers look there)
         atomic_save({"weights": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
-                     "scaler": run.scaler.state_dict(), "rng": rngs, "step": step, "config": vars(args),
-                     "base": fingerprint}, run.out_dir / "ckpt.pt")
+                     "scaler": run.scaler.state_dict(), "rng": rngs, "step": step,
+                     "config": dict(vars(args), base=base["path"]), "base": base}, run.out_dir / "ckpt.pt")
         if args.method != "full":  # the adapters alone, to share or load elsewhere: no pickle (moelora.load_moelora)
             save_moelora(raw_model, run.out_dir / "adapter.safetensors")
 
 
-def resume_from_checkpoint(run: Run, args, raw_model, optimizer, fingerprint: dict) -> int:
-    """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt; return its step."""
+ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
+
+
+def resume_from_checkpoint(run: Run, args, raw_model, optimizer, base: dict) -> int:
+    """Load weights, optimizer, scaler and this process's RNG state from out_dir/ckpt.pt, after checking that it was
+    trained on this base (base_fingerprint) with these adapters; return its step."""
     ckpt_path = run.out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, raw_model, args, fingerprint)
+    ckpt = read_checkpoint(ckpt_path)
+    check_base(ckpt["base"], base, ckpt_path, base["path"], base["path"])
+    try:
+        if args.method == "full":
+            raw_model.load_state_dict(ckpt["weights"])
+        else:
+            load_moelora_state_dict(raw_model, ckpt["weights"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        differ = [f"--{k} {ckpt['config'][k]}" for k in ADAPTER_FLAGS if ckpt["config"].get(k) != getattr(args, k)]
+        raise SystemExit(f"error: {ckpt_path} does not fit this adapter configuration ({str(e).splitlines()[0]}); it was "
+                         f"trained with {' '.join(differ) or 'other adapter settings'}: give those flags, or use another --out_dir")
     optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][min(run.rank, len(ckpt["rng"]) - 1)])
@@ -557,10 +715,3 @@ def stop_requested(run: Run, stop: dict) -> bool:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = t.item() > 0
     return flag
-
-
-def stop_non_finite(run: Run, what: str, step: int, saved_step):
-    # nothing is saved from here on: the checkpoint on disk is the last one with finite weights
-    raise SystemExit(f"error: {what} at step {step}; stopped without saving. The last good checkpoint is "
-                     f"{run.out_dir / 'ckpt.pt'}" + (f" (step {saved_step})" if saved_step is not None else " (none yet)")
-                     + ". Lower --lr, or use --dtype bf16 instead of fp16.")

@@ -9,9 +9,11 @@ trained on, and stream the answer token by token (the name is nanoGPT's).
     python sample.py --out_dir out --file questions.txt        # one question a line; - or a pipe reads stdin
     python sample.py --out_dir out --temperature 0.8 --top_p 0.9 --seed 1 "..."
 
-The settings come from out_dir/ckpt.pt (which base, which method); the adapters from out_dir/adapter.safetensors
-when it is there, else from ckpt.pt (--method full: all the weights, from ckpt.pt). Answers go to stdout; what was
-loaded, and after each answer its length, speed and whether a limit cut it, go to stderr:
+The run is opened as train.py --eval_only opens it (runs.load_run): its settings from run.json (which base, which
+method, which prompt), the base checked against the one it trained on, the adapters from out_dir/adapter.safetensors
+when it is there, else from ckpt.pt (--method full: all the weights). On a GPU the base is held in bf16 (or fp16) under
+autocast, as train.py's --dtype auto does. Answers go to stdout; what was loaded, and after each answer its length,
+speed and whether a limit cut it, go to stderr:
 
     (256 tokens, first after 0.05 s, 310 tok/s; cut at --max_new_tokens 256: raise it for a longer answer)
 """
@@ -25,10 +27,9 @@ import torch
 
 from data.prompts import eval_prompt_tokens
 from data.tasks import DataError, read_text
-from model import Transformer
-from moelora import MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict, moelora_layers
-from runs import base_fingerprint
-from tokenizer import Tokenizer
+from moelora import moelora_layers
+from quantize import Int8Linear
+from runs import load_run, open_run, setup_precision
 
 COLOURS = [41, 42, 43, 44, 45, 46, 47, 100, 101, 102, 103, 104, 105, 106, 107]  # ANSI backgrounds, one per expert
 
@@ -39,7 +40,7 @@ def parse_args(argv=None):
     a("questions", nargs="*", help="questions, answered in turn; - reads more from stdin, one a line (so does a "
       "pipe when no question is given)")
     a("--out_dir", default="out", help="the run: ckpt.pt and adapter.safetensors, as train.py wrote them (default %(default)s)")
-    a("--model", default=None, help="the base model, if it is no longer where ckpt.pt says (a run moved elsewhere)")
+    a("--model", default=None, help="the base model, if it is no longer where the run's run.json says (a run moved elsewhere)")
     a("--file", default=None, help="a text file of questions, one a line")
     a("--input", default="", help="the Alpaca template's input field, for every question (default: none)")
     a("--max_new_tokens", type=int, default=256, help="the longest answer in tokens (default %(default)s)")
@@ -108,83 +109,22 @@ def read_stdin() -> str:
                          f"({e.reason}); convert it to UTF-8 (iconv -t UTF-8)")
 
 
-def read_checkpoint(out_dir: Path) -> dict:
-    path = out_dir / "ckpt.pt"
-    if out_dir.is_file():
-        raise SystemExit(f"error: --out_dir {out_dir} is a file: give the run's folder, where train.py wrote ckpt.pt"
-                         + (f" (--out_dir {out_dir.parent})" if out_dir.name == "ckpt.pt" else ""))
-    if not path.is_file():
-        raise SystemExit(f"error: no {path}: train a run first (python train.py --out_dir {out_dir}), or point "
-                         "--out_dir at one")
-    if path.stat().st_size == 0:
-        raise SystemExit(f"error: {path} is empty: the run did not save it, or a copy of it failed")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
-    except Exception as e:
-        # torch's first sentence says what failed; the rest of a damaged zip's message is advice on several lines
-        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: cannot read {path} ({why}): it is damaged, or not a checkpoint train.py wrote")
-    if not isinstance(ckpt, dict) or not {"config", "step", "weights", "base"} <= ckpt.keys():
-        raise SystemExit(f"error: {path} is not a checkpoint train.py wrote (it has no run config, step and weights)")
-    return ckpt
-
-
-def load_model(args, ckpt: dict, device: str, dtype):
-    """(the run's base with its trained weights, or without them for --no_adapter, in eval mode; tokenizer)."""
-    config, out_dir = ckpt["config"], Path(args.out_dir)
-    base = Path(args.model or config.get("base") or config["model"])
-    if not args.model and not base.exists() and (out_dir / base.name).exists():
-        base = out_dir / base.name  # the built-in tiny base is built inside out_dir: the run was moved with it
-    if not base.exists():
-        raise SystemExit(f"error: the base model {base} does not exist" + ("" if args.model else
-                         " (it is where ckpt.pt says the run found it); give --model the path of that base"))
-    try:
-        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
-        tok = Tokenizer.from_dir(base)
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot load the base model {base}: {e}")
-    if tok.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"error: {base}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    precision = str(dtype)
-    if config.get("quantize") == "int8":  # as train.py: the base is quantized before the adapters go in
-        from quantize import Int8Linear, quantize_int8
-        quantize_int8(model)
+def load_model(args, precision):
+    """(the run's base with its trained weights, or without them for --no_adapter, in eval mode; tokenizer), opened by
+    runs.load_run; what was loaded goes to stderr."""
+    model, tok, saved = load_run(Path(args.out_dir), precision, args.model, adapter=not args.no_adapter)
+    dtype = precision.weights_dtype(saved.settings["method"] == "full")
+    described = str(dtype)
+    if saved.settings.get("quantize") == "int8":  # as train.py: the base is quantised before the adapters go in
         group = next(m.group_size for m in model.modules() if isinstance(m, Int8Linear))
-        precision = f"int8 base (a scale per {group} weights), computing in {str(dtype).removeprefix('torch.')}"
-    fingerprint = base_fingerprint(model)
-    what = "no adapter" if args.no_adapter else load_trained(model, ckpt, out_dir, base)
-    sums, saved = torch.tensor(fingerprint["sums"]), torch.tensor(ckpt["base"]["sums"])
-    if not torch.allclose(sums, saved, rtol=1e-2, atol=1e-2):  # loose: the run may have held the base in bf16
-        print(f"warning: {base} is not the base the run was trained on (weight sums {fingerprint['sums']}, the run's "
-              f"{ckpt['base']['sums']}): its answers may be nonsense", file=sys.stderr)
-    print(f"{base} + {what} ({config['method']}, step {ckpt['step']}), {device}, {precision}", file=sys.stderr)
-    return model.eval(), tok
-
-
-def load_trained(model, ckpt: dict, out_dir: Path, base: Path) -> str:
-    """Put the run's trained weights into the base; returns where they came from."""
-    adapter, source = out_dir / "adapter.safetensors", out_dir / "ckpt.pt"
-    try:
-        if ckpt["config"]["method"] == "full":
-            model.load_state_dict(ckpt["weights"])
-        elif adapter.exists():  # plain LoRA is a one-expert MoELoRA: the same file and loader
-            source = adapter
-            load_moelora(model, adapter)
-        else:
-            inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
-            load_moelora_state_dict(model, ckpt["weights"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        why = str(e).splitlines()[0]
-        why = why if len(why) < 300 else why[:300] + "..."  # a list of every missing key says no more than its start
-        trained_on = ckpt["config"].get("base") or ckpt["config"]["model"]
-        hint = "give that as --model" if str(base) != trained_on else "has it changed since?"
-        raise SystemExit(f"error: the weights in {source} do not fit the base {base} ({why}); the run was trained on "
-                         f"{trained_on}: {hint}")
-    return str(source)
+        described = f"int8 base (a scale per {group} weights), computing in {str(precision.amp_dtype).removeprefix('torch.')}"
+    print(f"{saved.base} + {saved.weights or 'no adapter'} ({saved.settings['method']}, step {saved.step}), "
+          f"{precision.device}, {described}", file=sys.stderr)
+    return model, tok
 
 
 def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: float, top_p: float, generator,
-                  dtype, out=None) -> tuple:
+                  precision, out=None) -> tuple:
     """Continue prompt (token ids) with model.generate, writing the text as it grows. Returns (the new ids, ending
     with EOS if the model stopped; seconds from the call to the first token (the prefill); seconds from the first
     token to the last (the decoding))."""
@@ -206,7 +146,7 @@ def stream_answer(model, tok, prompt: list, max_new_tokens: int, temperature: fl
             out.flush()
             shown = text
     start = time.perf_counter()
-    with torch.autocast(model.freqs_cos.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with precision.autocast():
         answer = model.generate([prompt], max_new_tokens, temperature, top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                 generator=generator, on_token=show)[0]
     text = tok.decode(answer)
@@ -237,12 +177,11 @@ def cut_by(answer: list, eos_id: int, max_new_tokens: int, n_prompt: int, max_se
 
 
 @torch.inference_mode()
-def top1_experts(model, ids: list, dtype):
+def top1_experts(model, ids: list, precision):
     """(layer names, [T, layers] int64: each token's top-1 expert in each adapted layer) from one forward over ids."""
     layers = moelora_layers(model)
-    device = model.freqs_cos.device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        model(torch.tensor([ids], device=device))
+    with precision.autocast():
+        model(torch.tensor([ids], device=precision.device))
     # last_top_idx: [T, k], the k chosen experts by falling gate; column 0 is the top-1
     return [name for name, _ in layers], torch.stack([layer.last_top_idx[:, 0] for _, layer in layers], 1).cpu()
 
@@ -317,32 +256,29 @@ def save_routing_png(path: str, pieces: list, n_prompt: int, names: list, top1, 
         plt.close(fig)
 
 
-def prompt_format(config: dict, tok, no_adapter: bool) -> str:
+def prompt_format(settings: dict, tok, no_adapter: bool) -> str:
     """The run's --prompt_format (alpaca for a run that recorded none); the base alone is asked in its own format:
     ChatML if its tokenizer holds <|im_start|> as one token (an instruction-tuned base), else the run's."""
     if no_adapter and len(tok.encode("<|im_start|>", bos=False)) == 1:
         return "chatml"
-    return config.get("prompt_format", "alpaca")
+    return settings.get("prompt_format", "alpaca")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = read_checkpoint(Path(args.out_dir))
-    method = ckpt["config"]["method"]
-    num_experts = 1 if method == "full" else ckpt["weights"]["moelora_config"]["num_experts"]
+    settings = open_run(Path(args.out_dir), need_checkpoint=True).settings  # read now: a bad run is said before loading
+    method = settings["method"]
+    num_experts = settings["num_experts"] if method == "moelora" else 1
     if args.routing and (args.no_adapter or num_experts < 2):
         raise SystemExit("error: --routing shows the experts of a MoELoRA run with more than one; " +
                          ("--no_adapter has none" if args.no_adapter else f"this is a --method {method} run"))
     if args.routing_png:
         check_routing_png(args.routing_png)
     questions = read_questions(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32  # on a GPU, bf16 (or fp16) weights under autocast, as train.py
-    if device == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    model, tok = load_model(args, ckpt, device, dtype)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    fmt = prompt_format(ckpt["config"], tok, args.no_adapter)
+    precision = setup_precision()  # as train.py's --dtype auto
+    model, tok = load_model(args, precision)
+    generator = torch.Generator(precision.device).manual_seed(args.seed)
+    fmt = prompt_format(settings, tok, args.no_adapter)
     prompts = [eval_prompt_tokens(tok, {"instruction": q, "input": args.input}, fmt) for q in questions]  # BOS + template
     for i, prompt in enumerate(prompts):  # all of them before the first answer
         if len(prompt) >= model.args.max_seq_len:
@@ -355,12 +291,12 @@ def main(argv=None):
             print(f"> {q}")
         budget = min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
         answer, first_s, rest_s = stream_answer(model, tok, prompt, budget, args.temperature, args.top_p, generator,
-                                                dtype)
+                                                precision)
         cut = cut_by(answer, tok.eos_id, args.max_new_tokens, len(prompt), model.args.max_seq_len)
         print(answer_stats(len(answer), first_s, rest_s, cut), file=sys.stderr)
         top1 = None  # [T, layers] with --routing
         if args.routing:
-            names, top1 = top1_experts(model, prompt + answer, dtype)
+            names, top1 = top1_experts(model, prompt + answer, precision)
             pieces = [tok.piece(i).replace("\n", "\\n") for i in prompt + answer]  # "▁" or "Ġ" marks a space
             print_routing(pieces, len(prompt), names, top1, num_experts, sys.stdout.isatty())
             if args.routing_png:

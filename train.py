@@ -11,19 +11,20 @@ Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task
 Three presets hold the defaults that depend on the model's size: tiny for a base under 100M parameters (the built-in
 1.3M one, or stories260K), small_cpu for one under 1B on a CPU (SmolLM2-135M) and llama-7b otherwise; see PRESETS below. Flags given on the command line win.
 
-Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step), then
-evaluation. The plumbing that is not a loop lives beside this file: runs.py (processes, precision, out_dir,
-checkpoints that resume exactly, stop signals) and tiny_base.py (the built-in base).
+Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step). Beside this
+file: evaluate.py grades (generation, answer extraction, the result files); runs.py is the plumbing that is not a
+loop (processes, precision, out_dir, the model of a new run or of a saved one, checkpoints that resume exactly, stop
+signals); data/training.py reads what a run trains on, and tiny_base.py builds the built-in base.
 """
 import argparse
 import contextlib
-import json
 import math
+import os
 import random
 import re
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +33,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.grading import EVAL_KINDS, answer_reader, infer_kind
-from data.mixtures import format_mixture_report, load_mixture, load_test_sets, overlaps
-from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, eval_prompt_tokens, tokenize_dataset
-from data.tasks import ALL_TASKS, COMMONSENSE_TASKS, FAMILIES, DataError, find_data_dir, load_split
+from data.batches import collate
+from data.grading import EVAL_KINDS
+from data.prompts import IGNORE_INDEX, PROMPT_FORMATS, tokenize_dataset
+from data.tasks import ALL_TASKS, FAMILIES, find_data_dir
+from data.training import hold_out, load_training_examples, tokenize_train_set
+from evaluate import grade, load_tests, validation_loss
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
-from quantize import quantize_int8
-from moelora import (GATES, MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses,
-                     moelora_routing_stats, moelora_token_mask)
+from moelora import (GATES, MoELoRAConfig, is_linear, moelora_aux_losses, moelora_config, moelora_routing_stats,
+                     moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
-                  check_out_dir, keep_best, keep_checkpoint, load_checkpoint, plot_curves, prepare_out_dir,
-                  resume_from_checkpoint, run_info, save_checkpoint, settings_from_run, setup_distributed,
-                  setup_precision, stop_non_finite, stop_requested)
+                  check_out_dir, default_device, keep_best, keep_checkpoint, load_run, new_model, open_run, plot_curves,
+                  prepare_out_dir, resume_from_checkpoint, run_info, save_checkpoint, settings_from_run,
+                  setup_distributed, setup_precision, stop_requested)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
-from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------------
 # settings: each default is written once, here or in moelora.MoELoRAConfig; `python train.py --help` prints them
@@ -75,7 +76,24 @@ def preset_default(key: str) -> str:
     return "(preset " + "; ".join(f"{name}: {preset[key]}" for name, preset in PRESETS.items()) + ")"
 
 
-def parse_args(argv=None):
+class Settings:
+    """The run's settings, resolved once by parse_args and read-only from then on: what the code reads, and what
+    run.json and ckpt.pt save (vars(settings)). Read as argparse's Namespace is; setting a field raises."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"the settings are read-only once resolved: {key} (parse_args resolves them)")
+
+    def __delattr__(self, key):
+        raise AttributeError(f"the settings are read-only once resolved: {key} (parse_args resolves them)")
+
+    def __repr__(self):
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
+
+
+def argument_parser():
     adapter = MoELoRAConfig()  # the adapter defaults live in moelora.py
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -145,29 +163,43 @@ def parse_args(argv=None):
     a("--val_examples", type=int, default=200, help="how many training examples --eval_interval holds out (default %(default)s)")
     a("--seed", type=int, default=1337, help="batch order, adapter initialisation, dropout (default %(default)s)")
     p.error = lambda message: p.exit(2, f"error: {message} (python train.py --help lists the flags)\n")  # not the usage
-    args = p.parse_args(argv)
-    settings_from_run(args, flags_given(p, argv))
+    return p
+
+
+def parse_args(argv=None) -> Settings:
+    """The settings, resolved once: the command line; with --eval_only or --resume, what comes from the run in out_dir
+    (runs.settings_from_run); the preset's values for what is still unset; then every check. Read-only from then on."""
+    p = argument_parser()
+    values, given, notes = vars(p.parse_args(argv)), flags_given(p, argv), []
+    saved = open_run(Path(values["out_dir"])) if values["eval_only"] or values["resume"] else None
+    if saved is not None:
+        values, notes = settings_from_run(values, given, saved)
     try:  # the base's shape from its config alone, before any weight is read
-        shape = TINY_MODEL if args.model is None else read_model_args(args.model)
+        shape = TINY_MODEL if values["model"] is None else read_model_args(values["model"])
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot load --model {args.model}: {e}")
+        raise SystemExit(f"error: cannot load --model {values['model']}: {e}")
     with torch.device("meta"):
         base = Transformer(shape)
     n_params = sum(p.numel() for p in base.parameters())
-    args.preset_why = f"the base has {n_params / 1e6:,.1f}M parameters"
-    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    args.preset = args.preset or ("tiny" if n_params < SMALL_BASE else "small_cpu" if n_params < CPU_BASE and on_cpu
+    on_cpu = default_device(values["device"]) == "cpu"
+    preset = values["preset"] or ("tiny" if n_params < SMALL_BASE else "small_cpu" if n_params < CPU_BASE and on_cpu
                                   else "llama-7b")
-    args.preset_why += ", on a CPU" * (args.preset == "small_cpu")
-    args.from_preset = [key for key, value in PRESETS[args.preset].items() if getattr(args, key) is None]
-    for key in args.from_preset:
-        setattr(args, key, PRESETS[args.preset][key])
-    if args.r is None:
-        args.r = adapter.num_experts * adapter.r if args.method == "lora" else adapter.r
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.r
-    check_args(args, base)
-    return args
+    from_preset = tuple(key for key in PRESETS[preset] if values[key] is None)
+    values.update({key: PRESETS[preset][key] for key in from_preset}, preset=preset, from_preset=from_preset,
+                  preset_why=f"the base has {n_params / 1e6:,.1f}M parameters" + ", on a CPU" * (preset == "small_cpu"))
+    adapter = MoELoRAConfig()
+    if values["r"] is None:
+        values["r"] = adapter.num_experts * adapter.r if values["method"] == "lora" else adapter.r
+    if values["lora_alpha"] is None:
+        values["lora_alpha"] = 2.0 * values["r"]
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, each with its share of a batch
+    batch, micro = values["batch_size"], values["micro_batch_size"]
+    if "micro_batch_size" in from_preset and batch % (world_size * micro) and batch % world_size == 0:
+        values["micro_batch_size"] = math.gcd(micro, batch // world_size)  # the preset's, split: every process gets one
+        notes.append(f"--micro_batch_size {values['micro_batch_size']}: the preset's, made to fit {world_size} processes")
+    settings = Settings(**values, notes=tuple(notes))  # notes: what main logs about how the settings were resolved
+    check_args(settings, base, world_size)
+    return settings
 
 
 def flags_given(p, argv) -> set:
@@ -182,7 +214,7 @@ def flags_given(p, argv) -> set:
             action.default = default
 
 
-def check_args(args, base):
+def check_args(args, base, world_size: int):
     """Every value that cannot work, found before any expensive work: one line naming the flag, the value and the fix.
     The adapter's settings are checked by MoELoRAConfig itself, whose messages name its fields: the flags of the
     same names."""
@@ -204,6 +236,9 @@ def check_args(args, base):
         problems += target_problems(args, base)
     if args.micro_batch_size > args.batch_size > 0:
         problems.append(f"--micro_batch_size {args.micro_batch_size} must be at most --batch_size {args.batch_size}")
+    elif args.micro_batch_size > 0 and args.batch_size % (world_size * args.micro_batch_size):
+        problems.append(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
+                        f"{args.micro_batch_size} x {world_size} process(es)")
     if args.eval_kind and not args.eval_file:
         problems.append(f"--eval_kind {args.eval_kind} grades an --eval_file: give one, or leave out --eval_kind")
     if args.quantize != "none" and args.method == "full":
@@ -218,16 +253,15 @@ def check_args(args, base):
 
 
 def target_problems(args, base) -> list:
-    """--target_modules checked on the base built on the meta device: before a tiny base is pretrained or 7B loaded."""
-    if args.method == "full":
+    """--target_modules checked against the linear layers of the base built on the meta device, read and not changed:
+    before a tiny base is pretrained or 7B loaded."""
+    linear = {name for _, parent in base.named_modules() for name, child in parent.named_children() if is_linear(child)}
+    missing = [t for t in moelora_config_from(args).target_modules if t not in linear]
+    if args.method == "full" or not missing:
         return []
-    try:
-        inject_moelora(base, moelora_config_from(args))
-    except ValueError as e:
-        meta_names = {hf.split(".")[1]: ours.split(".")[1] for hf, ours in HF_NAMES.items() if "proj" in hf}
-        return [str(e).replace("target_modules", "--target_modules", 1) + ". model.py uses Meta's names; Hugging Face's are "
-                + ", ".join(f"{hf} -> {ours}" for hf, ours in meta_names.items())]
-    return []
+    meta_names = {hf.split(".")[1]: ours.split(".")[1] for hf, ours in HF_NAMES.items() if "proj" in hf}
+    return [f"--target_modules {missing} match no nn.Linear of the model, whose linear layers are {sorted(linear)}. "
+            "model.py uses Meta's names; Hugging Face's are " + ", ".join(f"{hf} -> {ours}" for hf, ours in meta_names.items())]
 
 
 def moelora_config_from(args) -> MoELoRAConfig:
@@ -246,19 +280,12 @@ def moelora_config_from(args) -> MoELoRAConfig:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args)
-    amp_dtype, scaler = setup_precision(args.dtype, device)
-    run = Run(rank, world_size, device, amp_dtype, scaler, Path(args.out_dir))
+    rank, world_size, device = setup_distributed(args.device)
+    precision = setup_precision(args.dtype, device)
+    run = Run(rank, world_size, precision, precision.grad_scaler(), Path(args.out_dir))
     check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
-    for change in args.changed_from_run:
-        run.log(f"--resume: {change}")
-    if (args.batch_size % (world_size * args.micro_batch_size) and "micro_batch_size" in args.from_preset
-            and args.batch_size % world_size == 0):  # the preset's micro-batch, split so that every process gets one
-        args.micro_batch_size = math.gcd(args.micro_batch_size, args.batch_size // world_size)
-        run.log(f"--micro_batch_size {args.micro_batch_size}: the preset's, made to fit {world_size} processes")
-    if args.batch_size % (world_size * args.micro_batch_size):
-        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch_size "
-                         f"{args.micro_batch_size} x {world_size} process(es)")
+    for note in args.notes:
+        run.log(note)
     run.log(f"preset {args.preset} ({args.preset_why}; --preset chooses): "
             + ", ".join(f"{k} {getattr(args, k)}" for k in PRESETS[args.preset]))
     random.seed(args.seed)
@@ -266,36 +293,20 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
 
     data_dir = find_data_dir(args.data_dir)
-    tests, missing = load_tests(args, run, data_dir)
-    train_examples = [] if args.eval_only else load_training_examples(args, run, data_dir, tests)
+    tests, missing, graded_as = load_tests(args, run.log, data_dir)
+    train_examples = [] if args.eval_only else load_training_examples(args, run.log, data_dir, tests)
     if args.eval_limit:
         tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
-    model_path = args.model
-    if model_path is None and args.run_base and Path(args.run_base).exists():
-        model_path = args.run_base  # the run's own tiny base, from the cache
-    elif model_path is None:
-        texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
-                 load_training_examples(args, run, data_dir, tests)]
-        model_path = tiny_base_dir(tiny_base_cache(), args.task, texts, args.pretrain_steps, args.seed)
-        if rank == 0:
-            build_tiny_base(model_path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
-        if world_size > 1:
-            dist.barrier()  # the other processes wait for rank 0 to build the tiny base
-    # a frozen base can be stored in the compute dtype (half the memory); full fine-tuning keeps fp32 master weights
-    args.base = str(model_path)  # saved with the config: where the base came from (the tiny base's cache without --model)
-    model, tok = load_base(args, run, model_path, amp_dtype if args.method != "full" else torch.float32)
+    model, tok, base, step = load_model(args, run, data_dir, train_examples, tests)
     raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
-    fingerprint = base_fingerprint(raw_model)
 
     train_set = val_set = None
     if not args.eval_only:
-        train_examples, val_examples = hold_out(args, run, train_examples)
+        train_examples, val_examples = hold_out(args, run.log, train_examples)
         max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
-        train_set = tokenize_train_set(args, run, tok, train_examples, max_seq_len)
+        train_set = tokenize_train_set(args, run.log, tok, train_examples, max_seq_len)
         val_set = tokenize_dataset(tok, val_examples, max_seq_len, args.prompt_format)[0] if val_examples else None
-        if not batch_order(len(train_set.pairs), args.batch_size, 0, args.seed):
-            raise SystemExit(f"error: {len(train_set.pairs)} training examples is fewer than one batch of {args.batch_size}")
-    info = run_info(args, run, fingerprint, train_examples, tests)
+    info = run_info(args, run, base, train_examples, tests)
     check_against_the_run(args, run, info)
     prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
 
@@ -304,145 +315,62 @@ def main(argv=None):
             model = torch.compile(model)
         if world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        step = train(args, run, model, raw_model, tok, train_set, val_set, fingerprint)
+        step = train(args, run, model, raw_model, tok, train_set, val_set, base)
         if step is None:
             return None
-    elif (run.out_dir / "ckpt.pt").exists():
-        step = load_checkpoint(run.out_dir / "ckpt.pt", raw_model, args, fingerprint)["step"]
-        run.log(f"evaluating {run.out_dir / 'ckpt.pt'} (step {step})")
-    else:
+    elif step is None:
         step = 0
         run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
-    # every process grades a share of each benchmark; rank 0 writes the files, each saying what it graded and which
-    # run (run.json) it comes from
-    record = {"run_id": info["run_id"], "step": step, "base": args.base, "model": args.model or "built-in tiny",
-              "method": args.method, "quantize": args.quantize, "autocast": str(amp_dtype).removeprefix("torch."),
-              "adapter": None if args.method == "full" else asdict(moelora_config_from(args)),
+    # every result file says what it graded and which run (run.json) it comes from
+    record = {"run_id": info["run_id"], "step": step, "base": base["path"], "model": args.model or "built-in tiny",
+              "method": args.method, "quantize": args.quantize, "autocast": str(run.amp_dtype).removeprefix("torch."),
+              "adapter": None if args.method == "full" else asdict(moelora_config(raw_model)),
               "code": info["code"]}
-    results = {task: grade_benchmark(args, run, raw_model, tok, task, examples, record) for task, examples in tests.items()}
-    if len(tests) > 1 or missing:
-        write_results(args.task, args, run, results, missing, record)
-    if args.method == "moelora" and len(tests) > 1:
-        run.log(f"which experts each benchmark's questions go to: python tutorial/routing_per_task.py {run.out_dir}")
+    results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return results if len(results) > 1 else next(iter(results.values()))
 
 
-def hold_out(args, run: Run, examples: list) -> tuple:
-    """(training examples, validation examples): with --eval_interval, --val_examples of them are held out of training.
-    The same ones for every --seed (a fixed draw), so that runs of different seeds are checked on the same slice."""
-    if not args.eval_interval:
-        return examples, []
-    if args.val_examples >= len(examples):
-        raise SystemExit(f"error: --val_examples {args.val_examples} leaves no training example of {len(examples)}: "
-                         "give fewer")
-    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:args.val_examples].tolist())
-    run.log(f"--eval_interval {args.eval_interval}: {len(held)} of the {len(examples)} training examples held out of "
-            "training, for the validation loss")
-    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
-
-
-@dataclass
-class TrainSet:
-    pairs: list  # (tokens, labels) per example
-    sources: list  # the index in names of each example's source
-    names: list  # the sources: one task, a training file, or the tasks of a family's mixture
-
-
-def load_tests(args, run: Run, data_dir):
-    """({benchmark: test examples}, {benchmark: why it is missing}), whole: --eval_limit applies after the training
-    set is checked against them. Of a family or an --eval_tasks list, a missing benchmark is reported, not fatal."""
-    try:
-        tests, missing = load_test_sets(args.task, args.eval_tasks, args.eval_file, data_dir)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    if args.eval_file and args.eval_kind is None:
-        args.eval_kind, why = infer_kind([ex["answer"] for ex in tests[eval_name(args)]])
-        run.log(f"--eval_file {args.eval_file} is graded as --eval_kind {args.eval_kind}: {why}")
-    return tests, missing
-
-
-def eval_name(args) -> str:
-    """The name of --eval_file's results: the file's name without its extension."""
-    return Path(args.eval_file).stem
-
-
-def load_training_examples(args, run: Run, data_dir, tests: dict) -> list:
-    """The training examples, each with a "source". A family trains on --train_file or on the mixture of the
-    train splits it has, without the questions that any of its benchmarks asks."""
-    try:
-        if args.task in FAMILIES:
-            examples, report = load_mixture(args.task, data_dir, args.train_file, test_sets=tests)
-            for line in format_mixture_report(report):
-                run.log(line)
-            return examples
-        examples = load_split(args.task, "train", data_dir, args.train_file)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    source = Path(args.train_file).stem if args.train_file else args.task
-    shared = {task: len(idx) for task, idx in overlaps(examples, tests).items() if idx}
-    if shared:
-        run.log("WARNING: the training examples share questions with the graded benchmarks: " + ", ".join(
-            f"{n} with {task} (of its {len(tests[task])})" for task, n in shared.items())
-            + ". A model trained on them is graded on questions it has seen.")
-    return [dict(ex, source=source) for ex in examples]
-
-
-def tokenize_train_set(args, run: Run, tok, examples, max_seq_len: int) -> TrainSet:
-    names = list(dict.fromkeys(ex["source"] for ex in examples))  # in order of appearance
-    pairs, sources, n_trunc, n_drop = [], [], 0, 0
-    for s, name in enumerate(names):
-        p, t, d = tokenize_dataset(tok, [ex for ex in examples if ex["source"] == name], max_seq_len, args.prompt_format)
-        pairs += p
-        sources += [s] * len(p)
-        n_trunc, n_drop = n_trunc + t, n_drop + d
-    limit = f" (the model's limit; --max_seq_len is {args.max_seq_len})" if max_seq_len < args.max_seq_len else ""
-    run.log(f"{len(examples)} training examples: {n_trunc} truncated to {max_seq_len} tokens{limit}, "
-            f"{n_drop} dropped (prompt alone over the cutoff)")
-    if len(names) > 1:
-        run.log("sources, shuffled together (each epoch visits every example once): " + ", ".join(
-            f"{name} {sources.count(s):,} ({sources.count(s) / len(pairs):.1%})" for s, name in enumerate(names)))
-    if not pairs:
-        raise SystemExit("error: no training example is left after tokenization")
-    return TrainSet(pairs, sources, names)
-
-
-def load_base(args, run: Run, model_path, dtype):
-    """The frozen base model and its tokenizer, with the adapters of --method injected (none for full)."""
-    try:  # an int8 base is loaded and quantised on the CPU: 7B in bf16 would not fit a 16 GB GPU first
-        model = Transformer.from_pretrained(model_path, dtype=dtype, device="cpu" if args.quantize == "int8" else run.device)
-        tok = Tokenizer.from_dir(model_path)
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        raise SystemExit(f"error: cannot load --model {model_path}: {e}")
-    if tok.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    if args.quantize == "int8":
-        quantize_int8(model)
-    run.log(f"base model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-            f"{dtype}{', int8 linear layers' * (args.quantize == 'int8')}, {run.device}, autocast {run.amp_dtype})")
-    if args.method == "full":
-        model.requires_grad_(True)
-    else:
-        # the adapters' random start depends on --seed alone, not on whether a tiny base was built in this process:
-        # tutorial/routing.py redraws the routers as they were at step 0 from it
-        torch.manual_seed(args.seed + run.rank)
-        try:
-            inject_moelora(model, moelora_config_from(args))
-        except (ValueError, TypeError) as e:
-            raise SystemExit(f"error: {e}")
-        mark_only_moelora_as_trainable(model)
-        model.to(run.device)
+def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> tuple:
+    """(model, tokenizer, base, step). The base: --model; else, for --eval_only and --resume, the run's own; else the
+    built-in tiny base (built once, then found in the cache). --eval_only of a trained run opens it (runs.load_run: its
+    trained weights, checked against its base); otherwise the base gets fresh adapters of --method (--resume loads its
+    checkpoint into them when training starts). base: its path and fingerprint; step: the run's, or None."""
+    saved = open_run(run.out_dir) if args.eval_only or args.resume else None
+    adapter = None if args.method == "full" else moelora_config_from(args)
+    path = args.model
+    if path is None and saved is not None and Path(saved.base).exists():
+        path = saved.base  # the run's own tiny base, from the cache
+    elif path is None:
+        texts = [f"{ex['instruction']}\n{ex['output']}" for ex in train_examples or
+                 load_training_examples(args, run.log, data_dir, tests)]
+        path = tiny_base_dir(tiny_base_cache(), args.task, texts, args.pretrain_steps, args.seed)
+        if run.rank == 0:
+            build_tiny_base(path, args.task, texts, args.pretrain_steps, args.seed, run.log, get_lr)
+        if run.world_size > 1:
+            dist.barrier()  # the other processes wait for rank 0 to build the tiny base
+    if args.eval_only and saved is not None and saved.step is not None:  # a trained run, graded again
+        model, tok, saved = load_run(run.out_dir, run.precision, path)
+        base, step = {**saved.fingerprint, "path": saved.base}, saved.step
+    else:  # --resume loads its checkpoint into the fresh adapters when training starts
+        model, tok = new_model(path, run.precision, args.quantize, adapter, args.seed + run.rank)
+        base, step = base_fingerprint(model, path), None
     model.grad_checkpointing = args.grad_checkpointing
-    return model, tok
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(("lora_A", "lora_B", "router.weight")))
+    run.log(f"base model: {path} ({n / 1e6:.1f}M parameters, {run.precision.weights_dtype(args.method == 'full')}"
+            f"{', int8 linear layers' * (args.quantize == 'int8')}, {run.device}, autocast {run.amp_dtype})")
+    if step is not None:
+        run.log(f"evaluating {saved.weights} (step {step})")
+    return model, tok, base, step
 
 
 # -----------------------------------------------------------------------------------------------------
 # training
 
-def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint: dict):
+def train(args, run: Run, model, raw_model, tok, train_set, val_set, base: dict):
     """Train until --max_steps / --epochs (or --stop_after); the last step when the run is complete, else None.
     val_set: the held-out (tokens, labels) pairs that --eval_interval checks, or None."""
     n_examples = len(train_set.pairs)
@@ -454,7 +382,7 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=run.device.startswith("cuda"))
-    step = resume_from_checkpoint(run, args, raw_model, optimizer, fingerprint) if args.resume else 0
+    step = resume_from_checkpoint(run, args, raw_model, optimizer, base) if args.resume else 0
     saved_step = step if args.resume else None  # the step of the checkpoint on disk, if any
     best = best_val_loss(run) if args.resume else math.inf
 
@@ -493,9 +421,9 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint
                 t0, positions = time.time(), 0
             stopping = stop_requested(run, stop)
             checked = val_set is not None and (step % args.eval_interval == 0 or step == total_steps)
-            val_loss = validation_loss(args, run, model, raw_model, val_set, tok.pad_id, step) if checked else None
+            val_loss = validation_loss(run, model, raw_model, val_set, tok.pad_id, args.eval_batch_size, step) if checked else None
             if step % args.save_interval == 0 or step == last_step or stopping or checked:
-                save_checkpoint(run, args, raw_model, optimizer, step, fingerprint)
+                save_checkpoint(run, args, raw_model, optimizer, step, base)
                 keep_checkpoint(run, step, args.keep_last)
                 saved_step = step
             if checked and val_loss < best:
@@ -517,16 +445,6 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, fingerprint
     if best < math.inf:
         run.log(f"the best checkpoint by validation loss ({best:.4f}) is in {run.out_dir / 'best'}")
     return step
-
-
-def validation_loss(args, run: Run, model, raw_model, val_set, pad_id: int, step: int) -> float:
-    """--eval_interval: the answer loss on the held-out examples, logged to metrics.jsonl."""
-    model.eval()
-    loss = mean_target_loss(args, run, raw_model, val_set, pad_id)
-    model.train()
-    run.log_jsonl({"step": step, "val_loss": loss})
-    run.log(f"step {step}: validation loss {loss:.4f} ({len(val_set)} held-out examples)")
-    return loss
 
 
 def get_lr(step: int, lr: float, warmup: int, total: int) -> float:
@@ -605,19 +523,6 @@ def contrastive_ramp(args, step: int) -> float:
     return 1.0 if args.contrastive_warmup == 0 else min(1.0, (step + 1) / args.contrastive_warmup)
 
 
-def collate(pairs, pad_id: int, device):
-    """[(tokens, labels)] -> tokens, labels, real [B, T]: right-padded (labels with IGNORE_INDEX), and True where
-    a token is real (not padding: the pad id may also be a real token's id, so the lengths decide)."""
-    T = max(len(t) for t, _ in pairs)
-    tokens = torch.full((len(pairs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (t, l) in enumerate(pairs):
-        tokens[i, :len(t)] = torch.tensor(t)
-        labels[i, :len(l)] = torch.tensor(l)
-    real = torch.arange(T)[None, :] < torch.tensor([len(t) for t, _ in pairs])[:, None]
-    return tokens.to(device), labels.to(device), real.to(device)
-
-
 def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, saved_step):
     """Unscale, clip and step, unless the loss or the gradient is not finite: then stop, keeping the last good checkpoint."""
     if not all(map(math.isfinite, losses.values())):  # before the optimizer step: the weights are still finite
@@ -630,6 +535,13 @@ def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, s
     run.scaler.step(optimizer)
     run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def stop_non_finite(run: Run, what: str, step: int, saved_step):
+    # nothing is saved from here on: the checkpoint on disk is the last one with finite weights
+    raise SystemExit(f"error: {what} at step {step}; stopped without saving. The last good checkpoint is "
+                     f"{run.out_dir / 'ckpt.pt'}" + (f" (step {saved_step})" if saved_step is not None else " (none yet)")
+                     + ". Lower --lr, or use --dtype bf16 instead of fp16.")
 
 
 def log_step(run: Run, args, raw_model, step: int, lr: float, losses: dict, tokens_per_s: float, source_losses) -> str:
@@ -659,133 +571,6 @@ def per_source_losses(run: Run, names: list, per_source):
         dist.all_reduce(per_source)
     totals, counts = per_source.tolist()
     return {name: total / n for name, total, n in zip(names, totals, counts) if n}
-
-
-# -----------------------------------------------------------------------------------------------------
-# evaluation: greedy generation with the KV cache, graded as LLM-Adapters grades; the answer loss; a table of
-# the benchmarks. Every process grades a share of the batches.
-
-COMMONSENSE_NEW_TOKENS = 32  # LLM-Adapters' commonsense_evaluate.py: the answer is one word
-
-
-def grade_benchmark(args, run: Run, model, tok, task: str, examples, record: dict) -> dict:
-    """Accuracy (and, for GSM8K, the answer loss) on one benchmark; rank 0 writes its predictions and metrics."""
-    model.eval()
-    # only GSM8K's test set has written reference solutions; the LLM-Adapters files' "output" fields were
-    # generated by a model, so no answer loss is reported for the other benchmarks. Your own file's are yours
-    own = args.eval_file is not None and task == eval_name(args)
-    with_outputs = task == "gsm8k" or (own and all(ex["output"].strip() for ex in examples))
-    loss = answer_loss(args, run, model, tok, examples) if with_outputs else None
-    responses, n_cut = generate_responses(args, run, model, tok, task, examples)
-    extract, correct = answer_reader(args.eval_kind if own else task, [ex["answer"] for ex in examples])
-    right = [correct(text, ex["answer"]) for ex, text in zip(examples, responses)]
-    metrics = {"task": task, "accuracy": sum(right) / len(examples), "correct": sum(right), "n": len(examples),
-               "answer_loss": loss, "answer_perplexity": math.exp(loss) if loss is not None else None,
-               "prompts_cut": n_cut, "graded_as": args.eval_kind if own else task, **record}
-    predictions = run.out_dir / f"predictions_{graded_name(task, args)}.jsonl"
-    if run.rank == 0:
-        with open(predictions, "w") as f:
-            for ex, text, ok in zip(examples, responses, right):
-                f.write(json.dumps({"run_id": record["run_id"], "instruction": ex["instruction"], "prediction": text,
-                                    "extracted": extract(text), "answer": ex["answer"], "correct": ok}) + "\n")
-        (run.out_dir / f"metrics_{graded_name(task, args)}.json").write_text(json.dumps(metrics, indent=2))
-    loss_text = f", answer loss {loss:.4f} (perplexity {math.exp(loss):.2f})" if loss is not None else ""
-    cut_text = f" ({n_cut} prompts longer than the context allows lost their beginning)" if n_cut else ""
-    run.log(f"{task}: accuracy {metrics['accuracy']:.2%} ({metrics['correct']}/{metrics['n']}){loss_text}{cut_text}; "
-            f"predictions in {predictions}")
-    return metrics
-
-
-def answer_loss(args, run: Run, model, tok, examples) -> float:
-    """Mean cross-entropy of the reference solutions given the prompt (teacher forcing)."""
-    pairs, _, _ = tokenize_dataset(tok, examples, model.args.max_seq_len, args.prompt_format)
-    return mean_target_loss(args, run, model, pairs, tok.pad_id)
-
-
-@torch.no_grad()
-def mean_target_loss(args, run: Run, model, pairs, pad_id: int) -> float:
-    """The cross-entropy per target token of (tokens, labels) pairs, over all processes' shares of the batches."""
-    parts = []
-    for b, i in my_batches(len(pairs), args.eval_batch_size, run):
-        x, y, _ = collate(pairs[i:i + args.eval_batch_size], pad_id, run.device)
-        with run.autocast():
-            _, loss = model(x, y)
-        parts.append((b, loss.item(), int((y != IGNORE_INDEX).sum())))
-    loss_sum, n_tok = 0.0, 0
-    for _, loss, n in sorted(gather(run, parts)):  # summed in batch order: the same float for any world size
-        loss_sum, n_tok = loss_sum + loss * n, n_tok + n
-    return loss_sum / max(1, n_tok)
-
-
-@torch.no_grad()
-def generate_responses(args, run: Run, model, tok, task: str, examples) -> tuple:
-    """(the decoded response to each example's prompt, in the examples' order; how many prompts were cut)."""
-    new_tokens = args.max_new_tokens if task not in COMMONSENSE_TASKS else min(args.max_new_tokens, COMMONSENSE_NEW_TOKENS)
-    # every prompt keeps room for its whole answer: a longer one loses its beginning (the template's opening and
-    # the start of the question), keeping the end with the choices and "### Response:". Only a small context
-    # meets this (some commonsense prompts pass 800 tokens; the tiny model reads 512)
-    room = max(model.args.max_seq_len - new_tokens, model.args.max_seq_len // 2)
-    prompts = [eval_prompt_tokens(tok, ex, args.prompt_format) for ex in examples]
-    n_cut = sum(len(p) > room for p in prompts)
-    prompts = [p[-room:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-    mine = my_batches(len(order), args.eval_batch_size, run)
-    responses = []
-    for _, i in tqdm(mine, desc=f"eval {task}", disable=run.rank != 0, dynamic_ncols=True):
-        idx = order[i:i + args.eval_batch_size]
-        budget = min(new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
-        with run.autocast():
-            outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
-        responses += [(j, tok.decode(o)) for j, o in zip(idx, outs)]
-    return [text for _, text in sorted(gather(run, responses))], n_cut
-
-
-def my_batches(n_items: int, batch_size: int, run: Run):
-    """(batch number, start) of the batches this process grades: batch b goes to rank b % world_size. The batches
-    are those one process would make, so the results do not depend on the number of processes."""
-    return [(b, i) for b, i in enumerate(range(0, n_items, batch_size)) if b % run.world_size == run.rank]
-
-
-def gather(run: Run, items: list) -> list:
-    """Every process's items, concatenated (on every process)."""
-    if run.world_size == 1:
-        return items
-    everyone = [None] * run.world_size
-    dist.all_gather_object(everyone, items)
-    return [item for part in everyone for item in part]
-
-
-def graded_name(name: str, args) -> str:
-    """The name of a grading's files: a subset (--eval_limit N) gets its own, so it never replaces a full grading."""
-    return f"{name}_first{args.eval_limit}" if args.eval_limit else name
-
-
-def results_table(name: str, args, results: dict, missing: dict) -> str:
-    """A Markdown table in the paper's layout: one row for this run, a column per benchmark, then the average."""
-    tasks = list(results) + [t for t in missing if t not in results]
-    graded = [r["accuracy"] for r in results.values()]
-    average = 100 * sum(graded) / len(graded) if graded else float("nan")
-    cells = [f"{100 * results[t]['accuracy']:.1f} ({results[t]['correct']}/{results[t]['n']})" if t in results
-             else "missing" for t in tasks]
-    model = args.model or "built-in tiny"
-    lines = [f"| model | method | {' | '.join(tasks)} | average |", "| --- | --- |" + " ---: |" * (len(tasks) + 1),
-             f"| {model} | {args.method} | {' | '.join(cells)} | {average:.1f} |"]
-    if missing:
-        lines.append(f"\n{name}: the average is over the {len(results)} graded benchmarks; missing: "
-                     + "; ".join(f"{t} ({why})" for t, why in missing.items()))
-    return "\n".join(lines)
-
-
-def write_results(name: str, args, run: Run, results: dict, missing: dict, record: dict):
-    """results_<name>.json and .md in out_dir (rank 0), and the table in the log."""
-    table = results_table(name, args, results, missing)
-    graded = [r["accuracy"] for r in results.values()]
-    if run.rank == 0:
-        summary = {"task": name, **record, "benchmarks": results, "missing": missing,
-                   "average_accuracy": sum(graded) / len(graded) if graded else None}
-        (run.out_dir / f"results_{graded_name(name, args)}.json").write_text(json.dumps(summary, indent=2))
-        (run.out_dir / f"results_{graded_name(name, args)}.md").write_text(table + "\n")
-    run.log(table)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ class Meter:
 def run_child(spec: dict):
     """Run train.main(spec["argv"]) with a mark after each phase; print the phases as one JSON line."""
     import checkpoints
+    import evaluate
     import train
     meter, facts, seen = Meter(spec["sample_ms"] / 1000), {}, set()
 
@@ -215,15 +216,15 @@ def run_child(spec: dict):
         once("load")
         return model
     checkpoints.load_pretrained = loading  # Transformer.from_pretrained imports it when called
-    load_base = train.load_base
+    new_model = train.new_model
 
     def loading_base(*a, **kw):
-        model, tok = load_base(*a, **kw)
+        model, tok = new_model(*a, **kw)
         once("inject")
         model.register_forward_hook(lambda m, i, o: once("forward") if m.training else None)
         facts["trainable_bytes"] = sum(p.nbytes for p in model.parameters() if p.requires_grad)
         return model, tok
-    train.load_base = loading_base
+    train.new_model = loading_base  # the base with its fresh adapters
     backward = torch.autograd.backward
 
     def backward_marked(*a, **kw):
@@ -247,8 +248,8 @@ def run_child(spec: dict):
     train.forward_backward = tallied
     mark_after(train, "optimizer_step", "step")
     mark_after(train, "save_checkpoint", "save")
-    mark_after(train, "answer_loss", "answer loss")
-    mark_after(train, "generate_responses", "generation")
+    mark_after(evaluate, "answer_loss", "answer loss")
+    mark_after(evaluate, "generate_responses", "generation")
     t0 = time.time()
     if spec.get("load_only"):
         from model import Transformer

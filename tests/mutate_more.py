@@ -55,11 +55,13 @@ RUN_MUTATIONS = [  # (file, what it breaks, text, replacement)
     ("train.py", "out_dir prepared before the data and batch checks",
      "    check_out_dir(args, run)  #", "    check_out_dir(args, run); prepare_out_dir(args, run, {'run_id': 0})  #"),
     ("train.py", "best/ replaced by a worse checkpoint", "if checked and val_loss < best:", "if checked:"),
-    ("train.py", "the held-out slice depends on --seed", "generator=torch.Generator().manual_seed(0)",
+    ("data/training.py", "the held-out slice depends on --seed", "generator=torch.Generator().manual_seed(0)",
      "generator=torch.Generator().manual_seed(args.seed)"),
-    ("runs.py", "--resume takes nothing from the run", "        setattr(args, key, theirs)\n", "        pass\n"),
+    ("runs.py", "--resume takes nothing from the run", "        values[key] = theirs\n", "        pass\n"),
     ("runs.py", "--resume does not check the training data", "if args.resume and then[\"sha256\"] != now[\"sha256\"]:",
      "if False:"),
+    ("runs.py", "a saved run opens on another base unchecked",
+     "        check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)\n", ""),
 ]
 
 

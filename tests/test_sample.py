@@ -21,11 +21,12 @@ import train
 from data.prompts import eval_prompt_tokens, format_prompt
 from data.tasks import load_split
 from model import ModelArgs, Transformer
-from moelora import MoELoRAConfig, inject_moelora, moelora_layers
-from runs import base_fingerprint, load_checkpoint
+from moelora import MoELoRAConfig, inject_moelora, load_moelora_state_dict, moelora_layers
+from runs import Precision
 from tokenizer import Tokenizer
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
+CPU = Precision("cpu", torch.float32)
 
 
 def tiny_run(out_dir, *extra):
@@ -50,18 +51,17 @@ def lora_run(tmp_path_factory):
 
 
 def run_model(run_dir):
-    """The training run's own model, rebuilt the way train.py --eval_only rebuilds it (runs.load_checkpoint)."""
-    config = torch.load(run_dir / "ckpt.pt", weights_only=True)["config"]
-    model = Transformer.from_pretrained(config["base"], dtype=torch.float32)
-    inject_moelora(model, train.moelora_config_from(Namespace(**config)))
-    load_checkpoint(run_dir / "ckpt.pt", model, Namespace(**config), base_fingerprint(model))
-    return model.eval(), Tokenizer.from_dir(config["base"])
+    """The training run's own model, rebuilt by hand from ckpt.pt: the base it names, the adapters as saved."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    model = Transformer.from_pretrained(ckpt["config"]["base"], dtype=torch.float32)
+    inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
+    load_moelora_state_dict(model, ckpt["weights"])
+    return model.eval(), Tokenizer.from_dir(ckpt["config"]["base"])
 
 
 def loaded_model(run_dir, *flags):
     """The model sample.py answers with."""
-    args = sample.parse_args(["--out_dir", str(run_dir), *flags, "q"])
-    return sample.load_model(args, sample.read_checkpoint(run_dir), "cpu", torch.float32)
+    return sample.load_model(sample.parse_args(["--out_dir", str(run_dir), *flags, "q"]), CPU)
 
 
 def test_streamed_answer_is_greedy_generate_on_the_training_prompt(moe_run, capsys):
@@ -77,7 +77,7 @@ def test_streamed_answer_is_greedy_generate_on_the_training_prompt(moe_run, caps
     # ... and it was written piece by piece, not at the end
     writes = []
     out_file = Namespace(write=writes.append, flush=lambda: None)
-    again, _, _ = sample.stream_answer(model, tok, result["prompt"], 20, 0.0, 1.0, None, torch.float32, out_file)
+    again, _, _ = sample.stream_answer(model, tok, result["prompt"], 20, 0.0, 1.0, None, CPU, out_file)
     assert again == expected and len(writes) > 5 and "".join(writes) == tok.decode(expected) + "\n"
 
 
@@ -234,14 +234,14 @@ def test_lora_run_answers(lora_run, capsys):
 
 def test_the_gpus_bf16_path_on_the_cpu(moe_run, capsys):
     # what a GPU runs: bf16 base weights under autocast (the adapters stay float32); the same steps as generate's
-    model, tok = sample.load_model(sample.parse_args(["--out_dir", str(moe_run), "q"]), sample.read_checkpoint(moe_run),
-                                   "cpu", torch.bfloat16)
+    bf16 = Precision("cpu", torch.bfloat16)
+    model, tok = sample.load_model(sample.parse_args(["--out_dir", str(moe_run), "q"]), bf16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     prompt = eval_prompt_tokens(tok, {"instruction": QUESTION})
-    answer, _, _ = sample.stream_answer(model, tok, prompt, 8, 0.0, 1.0, None, torch.bfloat16)
+    answer, _, _ = sample.stream_answer(model, tok, prompt, 8, 0.0, 1.0, None, bf16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert answer == model.generate([prompt], 8, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
-    names, top1 = sample.top1_experts(model, prompt + answer, torch.bfloat16)
+    names, top1 = sample.top1_experts(model, prompt + answer, bf16)
     assert top1.shape == (len(prompt) + len(answer), 10) and 0 <= top1.min() and top1.max() < 4
 
 

@@ -16,12 +16,15 @@ import torch
 
 from conftest import ROOT, shared_path
 
+import evaluate
 import moelora
 import runs
 import train
-from data.prompts import tokenize_dataset
-from data.tasks import load_split
-from moelora import MoELoRAConfig
+from data.prompts import eval_prompt_tokens, tokenize_dataset
+from data import training
+from data.tasks import FAMILIES, load_split
+from model import Transformer
+from moelora import MoELoRAConfig, inject_moelora
 from tokenizer import Tokenizer
 
 sys.path.insert(0, str(ROOT / "tutorial"))
@@ -125,6 +128,11 @@ def test_settings_have_one_source_and_help_states_them(capsys):
         args = train.parse_args(["--preset", name, "--lr", "0.5"])
         assert args.lr == 0.5 and all(getattr(args, k) == v for k, v in preset.items() if k != "lr")
     assert train.parse_args([]).preset == "tiny"
+    # resolved once, then read-only: no function changes them behind the reader's back
+    settings = train.parse_args(["--lr", "0.5"])
+    with pytest.raises(AttributeError, match="read-only"):
+        settings.lr = 0.1
+    assert settings.lr == 0.5
     # --help states every default: each preset's value of each preset-dependent flag
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
@@ -171,8 +179,8 @@ def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     assert str(error.value) == (f"error: --quantize none, but the run in {tmp_path / 'split'} has --quantize int8 ("
                                 f"{tmp_path / 'split' / 'run.json'}): leave those flags out (they come from the run), or "
                                 "choose another --out_dir")
-    model, _ = train.load_base(train.parse_args(small_run(tmp_path, *common)), train.Run(0, 1, "cpu", torch.float32,
-                               None, tmp_path), shared_path("models/stories260K-hf"), torch.float32)
+    model, _ = runs.new_model(shared_path("models/stories260K-hf"), runs.Precision("cpu", torch.float32), "int8",
+                              train.moelora_config_from(train.parse_args(small_run(tmp_path, *common))), seed=0)
     assert isinstance(model.layers[0].attention.wq.base_layer, Int8Linear) and isinstance(model.layers[0].feed_forward.w1, Int8Linear)
     floats = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and "router" not in name]
     assert floats == (["output"] if model.args.tie_word_embeddings else [])  # a tied one is kept, not stored twice
@@ -304,13 +312,13 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys, monkeypatch):
     # the stand-in mixture: GSM8K and MAWPS train splits, without the questions the benchmarks ask
     assert "mawps" in text and "321" in text  # MAWPS' train split repeats 321 AddSub questions
     results = json.loads((tmp_path / "results_math_first3.json").read_text())
-    assert list(results["benchmarks"]) == list(train.FAMILIES["math"]) and results["missing"] == {}
+    assert list(results["benchmarks"]) == list(FAMILIES["math"]) and results["missing"] == {}
     assert all(r["n"] == 3 for r in results["benchmarks"].values())
     mean = sum(r["accuracy"] for r in results["benchmarks"].values()) / 6
     assert results["average_accuracy"] == pytest.approx(mean)
     table = (tmp_path / "results_math_first3.md").read_text()
     assert table.startswith("| model | method | addsub | aqua | gsm8k | multiarith | singleeq | svamp | average |")
-    for task in train.FAMILIES["math"]:
+    for task in FAMILIES["math"]:
         assert (tmp_path / f"predictions_{task}_first3.jsonl").exists()
     # a training loss per source in metrics.jsonl
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -319,7 +327,7 @@ def test_math_family_on_the_built_in_tiny_base(tmp_path, capsys, monkeypatch):
     assert f"python tutorial/routing_per_task.py {tmp_path}" in text
     routing = json.loads(routing_per_task.routing_of_run(tmp_path).read_text())
     assert routing_per_task.routing_of_run(tmp_path).name == "routing_math_first3.json"
-    assert routing["tasks"] == list(train.FAMILIES["math"])
+    assert routing["tasks"] == list(FAMILIES["math"])
     for layer in routing["layers"].values():
         for which in ("trained", "initial"):
             assert 0 <= layer[which]["mi_bits"] <= routing["h_task_bits"] + 1e-9
@@ -332,7 +340,7 @@ def test_commonsense_family_reports_the_missing_benchmark(tmp_path, capsys):
     train.main(family_run(tmp_path, "commonsense", "--max_steps", "1"))
     results = json.loads((tmp_path / "results_commonsense_first3.json").read_text())
     assert "hellaswag" in results["missing"] and "hellaswag" not in results["benchmarks"]
-    assert list(results["benchmarks"]) == [t for t in train.FAMILIES["commonsense"] if t != "hellaswag"]
+    assert list(results["benchmarks"]) == [t for t in FAMILIES["commonsense"] if t != "hellaswag"]
     table = (tmp_path / "results_commonsense_first3.md").read_text()
     assert "| missing |" in table and "average is over the 7 graded benchmarks" in table
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -359,12 +367,12 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     # one dimension and point two experts along it. Their tokens then never share a top-1 expert, and
     # I(task; expert) must equal H(task); routers that ignore that dimension must give 0.
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
-    model = train.Transformer.from_pretrained(shared_path("models/stories260K-hf"))
-    train.inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
+    model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
     tests = {"a": [{"instruction": "cat dog cat", "input": "", "output": "", "answer": "1"}] * 3,
              "b": [{"instruction": "sun moon sun moon", "input": "", "output": "", "answer": "2"}] * 2}
-    spans = routing_per_task.question_spans([train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
-    prompts = [train.eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs]
+    spans = routing_per_task.question_spans([eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs])
+    prompts = [eval_prompt_tokens(tok, ex) for exs in tests.values() for ex in exs]
     ids = {t: {prompts[i][j] for i in rows for j in range(*spans[i])} for t, rows in (("a", range(3)), ("b", range(3, 5)))}
     assert ids["a"] and ids["b"] and not ids["a"] & ids["b"]
     with torch.no_grad():
@@ -418,10 +426,8 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    args = train.parse_args(["--device", "cpu"])
-    args.device = None  # what a GPU machine's defaults would give
     with pytest.raises(SystemExit, match="started 2 processes on this node, which has 1 GPU.*--nproc_per_node 1"):
-        train.setup_distributed(args)
+        runs.setup_distributed(None)  # no --device: what a GPU machine's defaults would give
 
 
 def test_cuda_asked_on_a_cpu_only_torch():  # conftest hides any GPU, so this runs on every machine
@@ -516,10 +522,10 @@ STUCK_IN_NATIVE_CODE = """
 import sys, time
 from pathlib import Path
 import torch
-from runs import Run, catch_stop_signals
+from runs import Precision, Run, catch_stop_signals
 torch.set_num_threads(1)
 a = torch.randn(10000, 10000)
-with catch_stop_signals(Run(0, 1, "cpu", torch.float32, None, Path("."))) as stop:
+with catch_stop_signals(Run(0, 1, Precision("cpu", torch.float32), None, Path("."))) as stop:
     print("ready", flush=True)
     start = time.time()
     a @ a  # one C++ call of 2 TFLOP: tens of seconds in which no Python signal handler can run
@@ -583,6 +589,9 @@ def test_mixed_precision_on_the_cpu(tmp_path, dtype, monkeypatch):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for k, v in ckpt["weights"].items() if k != "moelora_config")
     assert ckpt["scaler"] == {} if dtype == "bf16" else ckpt["scaler"]["scale"] > 0
+    # the run held its base in the low dtype: it opens in float32 all the same (the base's check allows for it)
+    _, _, saved = runs.load_run(tmp_path, runs.Precision("cpu", torch.float32))
+    assert saved.step == 2 and saved.weights.name == "adapter.safetensors"
     if dtype == "fp16":
         # fp16's first step overflows at the scaler's initial 2^16 and is skipped; the second step is taken.
         # An inf put into the second step's gradient must make the scaler skip that one too and halve again
@@ -638,13 +647,13 @@ def test_the_docs_use_flags_that_exist(capsys):
 def test_a_prompt_longer_than_the_context_is_cut_and_counted():
     # some commonsense prompts pass 800 tokens; stories260K reads 512: the prompt keeps its end and the answer room
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
-    model = train.Transformer.from_pretrained(shared_path("models/stories260K-hf"))
-    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    run = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cuda", enabled=False), None)
     args = train.parse_args(["--max_new_tokens", "8", "--eval_batch_size", "2"])
     examples = [{"instruction": "Once upon a time " * 200 + "Answer format: true/false", "input": "", "output": "",
                  "answer": "true"}, {"instruction": "Is the sky blue?", "input": "", "output": "", "answer": "true"}]
-    assert len(train.eval_prompt_tokens(tok, examples[0])) > 512
-    responses, n_cut = train.generate_responses(args, run, model, tok, "boolq", examples)
+    assert len(eval_prompt_tokens(tok, examples[0])) > 512
+    responses, n_cut = evaluate.generate_responses(args, run, model, tok, "boolq", examples)
     assert n_cut == 1 and len(responses) == 2
 
 
@@ -703,7 +712,7 @@ def test_gradient_clipping_caps_the_norm_of_the_step(clip, expected_norm):
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.full((4,), 10.0)  # norm 20
     optimizer = torch.optim.SGD([p], lr=1.0)
-    run = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cuda", enabled=False), None)
+    run = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cuda", enabled=False), None)
     args = train.parse_args(["--grad_clip", str(clip)])
     train.optimizer_step(args, run, optimizer, [p], {"lm": 1.0, "contrastive": 0.0, "balance": 0.0}, 0, None)
     assert p.detach().norm().item() == pytest.approx(expected_norm, rel=1e-5)
@@ -829,17 +838,16 @@ def test_validation_loss_best_checkpoint_and_the_last_k(tmp_path):
     assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["step_0000007.pt", "step_0000008.pt"]
     # the validation loss is the answer loss of the held-out examples under the saved weights (best/: step 6)
     args = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2"))
-    r = train.Run(0, 1, "cpu", torch.float32, torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
-    model, tok = train.load_base(args, r, shared_path("models/stories260K-hf"), torch.float32)
-    train.load_checkpoint(run / "best" / "ckpt.pt", model, args, train.base_fingerprint(model))
-    examples = train.load_training_examples(args, r, shared_path("data"), {})
-    kept, held = train.hold_out(args, r, examples)
+    r = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cpu", enabled=False), tmp_path / "x")
+    model, tok, _ = runs.load_run(run / "best", r.precision)
+    examples = training.load_training_examples(args, r.log, shared_path("data"), {})
+    kept, held = training.hold_out(args, r.log, examples)
     assert len(held) == 8 and len(kept) == len(examples) - 8
     assert {e["instruction"] for e in kept}.isdisjoint({e["instruction"] for e in held})
-    args.seed = 5  # the same slice for every seed
-    assert train.hold_out(args, r, examples)[1] == held
-    pairs = train.tokenize_dataset(tok, held, args.max_seq_len)[0]
-    assert train.mean_target_loss(args, r, model.eval(), pairs, tok.pad_id) == pytest.approx(val[6], rel=1e-5)
+    other_seed = train.parse_args(small_run(tmp_path / "x", "--val_examples", "8", "--eval_interval", "2", "--seed", "5"))
+    assert training.hold_out(other_seed, r.log, examples)[1] == held  # the same slice for every seed
+    pairs = tokenize_dataset(tok, held, args.max_seq_len)[0]
+    assert evaluate.mean_target_loss(r, model.eval(), pairs, tok.pad_id, args.eval_batch_size) == pytest.approx(val[6], rel=1e-5)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, capsys):

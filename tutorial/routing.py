@@ -3,7 +3,7 @@ Which kinds of tokens go to which expert: the routing of a trained MoELoRA run, 
 
     python tutorial/routing.py out/tutorial/moelora_s1 out/tutorial/moelora_cl0_s1 [...] [--n 100]
 
-For each run: load the base model and the run's ckpt.pt (adapters and routers), run the model (eval mode, no
+For each run: open it with its base (runs.load_run: adapters and routers), run the model (eval mode, no
 dropout) over the prompt + reference solution of the first --n GSM8K test examples, and take each token's
 top-1 expert (the largest router logit) in every adapted layer. Each token gets a kind from its SentencePiece
 piece: digit, operator (+ - * / = $ % ...), word, space/punct, newline (BOS is left out). Printed per run:
@@ -28,7 +28,6 @@ positions in the tutorial's runs; this script never did.)
 import argparse
 import json
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project i
 
 from data.prompts import example_ids  # noqa: E402
 from data.tasks import DataError, find_data_dir, load_split  # noqa: E402
-from model import Transformer  # noqa: E402
-from moelora import MoELoRAConfig, inject_moelora, moelora_layers  # noqa: E402
-from quantize import quantize_int8  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-from runs import base_fingerprint, load_checkpoint  # noqa: E402
+from moelora import inject_moelora, moelora_config, moelora_layers  # noqa: E402
+from runs import Precision, load_run, open_run  # noqa: E402
 
 KINDS = ("digit", "operator", "word", "space/punct", "newline")
 
@@ -165,30 +161,22 @@ def summarize(counts_by_layer):
     return {"layers": layers, "mean": mean}
 
 
-def load_run(run_dir: Path, base=None):
-    """(model with the run's trained adapters, the same model as the run started, tokenizer, ckpt config).
+def run_and_its_start(run_dir: Path, base=None):
+    """(model with the run's trained adapters, the same model as the run started, tokenizer, the run's settings),
+    both opened by runs.load_run on the CPU in float32.
 
     The run's start is redrawn, not stored: train.py seeds torch with --seed (+ rank) right before inject_moelora
     and draws nothing in between, so seeding the same way here draws the run's initial routers and A exactly
     (B = 0). The check below (A's cosine with the redrawn one) shows it held."""
-    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-    config = ckpt["config"]
-    if config["method"] != "moelora":
-        raise SystemExit(f"{run_dir}: --method {config['method']} has no router to analyse")
-    # where the base is: --base, else the run's --model, else the built-in tiny base inside the run directory
-    base = Path(base or config["model"] or config["base"])
-    tok = Tokenizer.from_dir(base)
-    models = []
-    for trained in (True, False):
-        model = Transformer.from_pretrained(base, dtype=torch.float32)
-        if config.get("quantize") == "int8":  # as train.py: the base quantised before the adapters go in
-            quantize_int8(model)
-        torch.manual_seed(config["seed"])
-        inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
-        if trained:  # load_checkpoint's checks: this base, this method, this adapter configuration
-            load_checkpoint(run_dir / "ckpt.pt", model, Namespace(**dict(config, model=str(base))), base_fingerprint(model))
-        models.append(model)
-    return models[0], models[1], tok, config
+    settings = open_run(run_dir, need_checkpoint=True).settings
+    if settings["method"] != "moelora":
+        raise SystemExit(f"{run_dir}: --method {settings['method']} has no router to analyse")
+    cpu = Precision("cpu", torch.float32)
+    model, tok, _ = load_run(run_dir, cpu, base)
+    start, _, _ = load_run(run_dir, cpu, base, adapter=False)  # the base, quantised as the run's was
+    torch.manual_seed(settings["seed"])
+    inject_moelora(start, moelora_config(model))
+    return model, start, tok, settings
 
 
 def format_table(counts):
@@ -210,7 +198,7 @@ def format_table(counts):
 
 def analyse(run_dir: Path, n: int, data_dir, base=None, response_only: bool = False, max_len: int = 512):
     """Routing numbers of the trained run and of its routers as they were drawn at step 0."""
-    model, model0, tok, config = load_run(run_dir, base)
+    model, model0, tok, config = run_and_its_start(run_dir, base)
     try:
         examples = load_split("gsm8k", "test", find_data_dir(data_dir))[:n]
     except DataError as e:

@@ -6,11 +6,11 @@ Routing per task: which experts each benchmark's questions go to, for a run that
     python tutorial/routing_per_task.py out/routing_math.json            # or a JSON written before: table and figure
     python tutorial/routing_per_task.py out --no_figure                  # the table only (no matplotlib)
 
-From a run's out_dir it loads the base and the run's ckpt.pt, and runs the model over the graded benchmarks'
+From a run's out_dir it opens the run with its base (runs.load_run), and runs the model over the graded benchmarks'
 prompts (the first --eval_limit of the run, at most 200 per benchmark). For every token of each question (the
 Alpaca template around it is left out: the same in every task, it would dilute what the routing says about the
 tasks) it counts the top-1 expert and the k chosen ones in every adapted layer, after training and with the
-routers as drawn at step 0 (redrawn by seeding as train.py did: tutorial/routing.py -> load_run). The control
+routers as drawn at step 0 (redrawn by seeding as train.py did: tutorial/routing.py -> run_and_its_start). The control
 matters: an untrained router already routes by content, because hidden states differ by task. It writes
 routing_<task>.json beside the checkpoint.
 
@@ -34,8 +34,8 @@ from data.mixtures import load_benchmarks  # noqa: E402
 from data.prompts import eval_prompt_tokens  # noqa: E402
 from data.tasks import FAMILIES, find_data_dir  # noqa: E402
 from moelora import moelora_layers, moelora_token_mask  # noqa: E402
-from routing import entropy_bits, load_run, mutual_information_bits  # noqa: E402
-from train import collate  # noqa: E402
+from routing import entropy_bits, mutual_information_bits, run_and_its_start  # noqa: E402
+from data.batches import collate  # noqa: E402
 
 ROUTING_EXAMPLES = 200  # prompts per benchmark at most
 
@@ -106,7 +106,7 @@ def routing_report(models: dict, tok, tests: dict) -> dict:
 
 def routing_of_run(run_dir: Path, data_dir=None, base=None) -> Path:
     """Compute a run's routing per task and write it to run_dir/routing_<task>[_firstN].json; returns the path."""
-    model, model0, tok, config = load_run(run_dir, base)
+    model, model0, tok, config = run_and_its_start(run_dir, base)
     benchmarks = config["eval_tasks"].split(",") if config.get("eval_tasks") else list(FAMILIES.get(config["task"],
                                                                                                      [config["task"]]))
     tests, _ = load_benchmarks(benchmarks, find_data_dir(data_dir or config.get("data_dir")))

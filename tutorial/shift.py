@@ -331,7 +331,7 @@ def routers_as(model, weights: dict):
 @torch.no_grad()
 def answer_loss_of(model, pairs, pad_id, batch_size=32):
     """Mean cross-entropy of the reference solutions given the prompts, over all their target tokens."""
-    from train import collate
+    from data.batches import collate
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
@@ -379,14 +379,11 @@ def trial_measures(args, d: Path, full: bool):
     import controlled
     from data.prompts import example_ids, tokenize_dataset
     from data.tasks import load_split
-    from model import Transformer
-    from moelora import load_moelora, load_moelora_state_dict, moelora_layers, moelora_state_dict, read_moelora_file
-    from routing import KINDS, load_run, mutual_information_bits, token_kind
-    from tokenizer import Tokenizer
+    from moelora import load_moelora_state_dict, moelora_layers, moelora_state_dict, read_moelora_file
+    from routing import KINDS, mutual_information_bits, run_and_its_start, token_kind
+    from runs import Precision, load_run
 
-    model = Transformer.from_pretrained(args.model, dtype=torch.float32).eval()
-    tok = Tokenizer.from_dir(args.model)
-    load_moelora(model, d / "adapter.safetensors")
+    model, tok, _ = load_run(d, Precision("cpu", torch.float32), args.model)  # its adapter.safetensors
     cutoff = model.args.max_seq_len  # train.py grades the answer loss at the model's context, not the training cutoff
     tests = load_split("gsm8k", "test", Path(args.data_dir))
     lo, hi = validation_range(args)
@@ -400,7 +397,7 @@ def trial_measures(args, d: Path, full: bool):
                               for k in (token_kind(tok.piece(i)) for i in q)])  # [tokens], -1: BOS, EOS
         k = layers[0][1].config.top_k
         trained = {name: layer.router.weight.detach().clone() for name, layer in layers}
-        _, start, _, _ = load_run(d)  # the run as it started: its routers redrawn by seeding as train.py did
+        _, start, _, _ = run_and_its_start(d, args.model)  # the run as it started: its routers redrawn by seeding
         initial = {name: layer.router.weight.detach() for name, layer in moelora_layers(start)}
         for suffix, routers in (("", trained), ("_init", initial)):
             with routers_as(model, routers):
