@@ -1,5 +1,5 @@
 """
-Reading real LLaMA checkpoints into model.py's Transformer: Transformer.from_pretrained calls load_pretrained.
+Reading real LLaMA checkpoints into model.py's Transformer: from_pretrained(path) returns one, filled.
 
 Four formats, detected from the files (open_checkpoint):
   - Meta: params.json + consolidated.NN.pth, one file per model-parallel shard; the shards are concatenated
@@ -36,11 +36,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model import ModelArgs
+from model import ModelArgs, Transformer
 
 
-def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None):
-    """A `cls` (model.Transformer) filled from the checkpoint at path, in any of the four formats.
+def from_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> Transformer:
+    """A model.Transformer filled from the checkpoint at path, in any of the four formats.
 
     The model is built on the "meta" device (no memory), allocated once in `dtype` (default: the checkpoint's own
     floating dtype) on `device` (default CPU), then filled tensor by tensor, so a 7B model never exists twice in
@@ -51,7 +51,7 @@ def load_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None)
     if first is None:
         raise ValueError(f"{path}: the checkpoint holds no tensors")
     with torch.device("meta"):
-        model = cls(args)
+        model = Transformer(args)
     model.to(dtype=dtype or _default_dtype(first[1])).to_empty(device=device or "cpu")
     if args.tie_word_embeddings:  # to_empty gives each module its own storage: share it again
         model.output.weight = model.tok_embeddings.weight
@@ -556,7 +556,7 @@ def gguf_to_meta_name(name: str) -> str:
     if name.startswith("blk."):
         _, i, suffix = name.split(".", 2)
         return f"layers.{i}.{GGUF_NAMES.get(suffix, suffix)}"
-    return GGUF_TOP_NAMES.get(name, name)  # an unknown name goes through: load_pretrained names it
+    return GGUF_TOP_NAMES.get(name, name)  # an unknown name goes through: from_pretrained names it
 
 
 def load_gguf_checkpoint(path: Path):

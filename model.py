@@ -5,8 +5,9 @@ Read top to bottom:
   1. ModelArgs, RMSNorm, RoPE, Attention (grouped-query), FeedForward (SwiGLU), TransformerBlock, Transformer
   2. KVCache and Transformer.generate (batched, left-padded prompts, greedy or temperature/top-p)
 
-Parameter names follow Meta's release (tok_embeddings, layers.{i}.attention.wq, ...). Transformer.from_pretrained
-reads Meta, Hugging Face, llama2.c and GGUF checkpoints through checkpoints.py, which maps their names onto these.
+Parameter names follow Meta's release (tok_embeddings, layers.{i}.attention.wq, ...). The file imports nothing of
+the project: checkpoints.from_pretrained, beside it, reads Meta, Hugging Face, llama2.c and GGUF checkpoints and
+maps their names onto these.
 """
 import math
 from dataclasses import dataclass
@@ -304,16 +305,6 @@ class Transformer(nn.Module):
                 row = row[:row.index(eos_id) + 1]
             out.append(row)
         return out
-
-    # ------------------------------------------------------------------------------------------------
-    # real checkpoints: read by checkpoints.py, beside this file (the formats are not part of the network)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None) -> "Transformer":
-        """Load a Meta, Hugging Face, llama2.c or GGUF checkpoint (the format is detected from the files), in `dtype`
-        (default: the checkpoint's own) on `device` (default CPU). checkpoints.load_pretrained tells how."""
-        from checkpoints import load_pretrained
-        return load_pretrained(cls, path, dtype, device)
 
 
 class KVCache:

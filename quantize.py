@@ -2,9 +2,9 @@
 A frozen int8 base for MoELoRA: every nn.Linear of the base stored as int8 with one scale per group of 64 weights
 along the input dimension (as llama2.c's runq.c quantises), so that LLaMA-7B's base takes 7.1 GB instead of 13.5 GB
 in bf16 and LLaMA-7B + MoELoRA trains on a 16 GB GPU. The adapters and routers stay float32 and train as before.
-Needs only torch (and moelora.py, to refuse a model that already has adapters).
+Needs only torch.
 
-    model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    model = from_pretrained(path, dtype=torch.bfloat16)   # checkpoints.py
     quantize_int8(model)                                  # wq wk wv wo w1 w2 w3 and output become Int8Linear
     inject_moelora(model, MoELoRAConfig())                # MoELoRALinear wraps an Int8Linear as it wraps an nn.Linear
     mark_only_moelora_as_trainable(model)
@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moelora import moelora_layers
 
 __all__ = ["Int8Linear", "quantize_int8", "stored_bytes", "quantize_weight", "dequantize_weight"]
 
@@ -133,8 +132,8 @@ def quantize_int8(model, group_size: int = 64):
     nn.Linear is replaced, not its subclasses: nn.MultiheadAttention's out_proj is one, and its parent reads its
     weight instead of calling it. Quantises one layer at a time, on the device the weights are on: the peak memory
     is the model plus one layer's temporaries."""
-    if moelora_layers(model):
-        raise ValueError("quantize_int8: the model already has MoELoRA layers; quantise the base first: "
+    if any(hasattr(m, "lora_A") for m in model.modules()):  # MoELoRA's layers, or another LoRA library's
+        raise ValueError("quantize_int8: the model already has LoRA adapters; quantise the base first: "
                          "quantize_int8(model), then inject_moelora(model, config) or load_moelora(model, path)")
     uses = {}  # id(weight) -> how many modules hold it: 2 or more means tied
     for _, p in model.named_parameters(remove_duplicate=False):

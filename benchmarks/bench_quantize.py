@@ -46,6 +46,7 @@ from bench_moelora import machine, timed
 from bench_vs_hf import peak_memory_of, saved_for_backward_bytes
 from data.prompts import IGNORE_INDEX, tokenize_dataset
 from data.tasks import find_data_dir, load_split
+from checkpoints import from_pretrained
 from model import ModelArgs, Transformer, ffn_hidden_dim
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
 from quantize import quantize_int8, quantize_weight, dequantize_weight, stored_bytes
@@ -119,7 +120,7 @@ def part_bytes(args):
     print("\n## bytes of the stored base: int8 (group 64, bf16 scales; embeddings and norms bf16) against bf16\n")
     models = {"LLaMA-7B (model.py's ModelArgs())": ModelArgs(), "built-in tiny base (tiny_base.TINY_MODEL)": TINY_MODEL}
     if STORIES.exists():
-        models["stories260K"] = Transformer.from_pretrained(STORIES).args
+        models["stories260K"] = from_pretrained(STORIES).args
     print("| base | bf16 bytes | int8 bytes | int8 / bf16 | meta count = formula | = count on real tensors |")
     print("| --- | ---: | ---: | ---: | --- | --- |")
     for name, a in models.items():
@@ -155,7 +156,7 @@ def part_scales(args):
     g = torch.Generator().manual_seed(0)
     sets = {f"random 4096 x 11008, std {std}": [torch.randn(4096, 11008, generator=g) * std] for std in (0.02, 0.001)}
     if STORIES.exists():
-        model = Transformer.from_pretrained(STORIES)
+        model = from_pretrained(STORIES)
         sets = {"stories260K, every linear": [m.weight.detach() for m in model.modules() if type(m) is torch.nn.Linear],
                 **sets}
     print("| weights | scales | made in float32 | bf16 | fp16 | groups whose scale is subnormal in fp16 |")
@@ -184,8 +185,8 @@ def compare(path, examples, batch=16):
     """Float32 base against its int8 copy on (prompt, reference solution) pairs: logit differences over the real
     tokens, and each model's answer loss (cross-entropy of the solution's tokens, summed, / their number)."""
     tok = Tokenizer.from_dir(path)
-    ref = Transformer.from_pretrained(path)
-    q = quantize_int8(Transformer.from_pretrained(path))
+    ref = from_pretrained(path)
+    q = quantize_int8(from_pretrained(path))
     pairs, _, _ = tokenize_dataset(tok, examples, ref.args.max_seq_len)
     diffs, logits_all, loss, n_targets = [], [], {"float32": 0.0, "int8": 0.0}, 0
     for i in range(0, len(pairs), batch):
@@ -252,7 +253,7 @@ def part_train(args):
     batches = [collate([pairs[j] for j in order[i * 8:(i + 1) * 8]], tok.pad_id) for i in range(args.train_steps)]
     curves = {}
     for name in ("float32", "int8"):
-        model = Transformer.from_pretrained(STORIES)
+        model = from_pretrained(STORIES)
         if name == "int8":
             quantize_int8(model)
         torch.manual_seed(0)  # the same adapters' start and dropout masks

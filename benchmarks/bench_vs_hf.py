@@ -56,6 +56,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, moelora.py
 from bench_moelora import machine, make_step, timed
 from data.prompts import IGNORE_INDEX
+from checkpoints import from_pretrained
 from model import ModelArgs, Transformer, ffn_hidden_dim
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable
 
@@ -133,7 +134,7 @@ def build_pair(args):
         path = Path(args.model)
         gguf = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent if gguf else path, dtype=args.torch_dtype, **gguf)
-        ours = Transformer.from_pretrained(path, dtype=args.torch_dtype, device=args.device)
+        ours = from_pretrained(path, dtype=args.torch_dtype, device=args.device)
         return ours, hf.to(args.device).eval()
     margs = model_args(args)
     torch.manual_seed(0)
@@ -141,7 +142,7 @@ def build_pair(args):
         hf = transformers.LlamaForCausalLM(hf_config(margs)).to(args.torch_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = Transformer.from_pretrained(tmp, device=args.device)
+        ours = from_pretrained(tmp, device=args.device)
     return ours, hf.to(args.device).eval()
 
 

@@ -12,7 +12,7 @@ from conftest import ROOT, shared_path
 
 import export_peft
 import train
-from model import Transformer
+from checkpoints import from_pretrained
 from moelora import load_moelora
 
 TOLERANCE = 1e-4  # float32 logits; our base alone and transformers' differ by ~2e-5 on these sequences
@@ -52,8 +52,8 @@ def test_peft_loads_the_export_and_gives_our_logits(lora_run, tmp_path):
     peft = pytest.importorskip("peft", reason="peft not installed")
     base = shared_path("models/stories260K-hf")
     dest = export(lora_run, "--dest", str(tmp_path / "peft"))
-    ours = load_moelora(Transformer.from_pretrained(base, dtype=torch.float32), lora_run / "adapter.safetensors")
-    plain = Transformer.from_pretrained(base, dtype=torch.float32)
+    ours = load_moelora(from_pretrained(base, dtype=torch.float32), lora_run / "adapter.safetensors")
+    plain = from_pretrained(base, dtype=torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hf = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -7,7 +7,8 @@ import torch
 
 import checkpoints
 from conftest import shared_path
-from model import ModelArgs, Transformer
+from checkpoints import from_pretrained
+from model import ModelArgs
 
 gguf = pytest.importorskip("gguf", reason="gguf (llama.cpp's reader) is a test-only dependency (requirements-dev.txt)")
 from gguf import GGMLQuantizationType as T  # noqa: E402
@@ -148,7 +149,7 @@ def test_written_tiny_llama_loads_with_the_right_args_and_weights(tmp_path, tied
     tensors = tiny_llama_tensors(tied)
     path = write_gguf(tmp_path / "tiny.gguf", kv=llama_kv(), tensors=tensors, alignment=alignment)
     assert checkpoints.read_model_args(path) == expected_args(tied)
-    model = Transformer.from_pretrained(path)
+    model = from_pretrained(path)
     assert model.args == expected_args(tied)
     assert model.tok_embeddings.weight.dtype == torch.float32  # the first tensor is quantised: float32
     state = model.state_dict()
@@ -161,7 +162,7 @@ def test_written_tiny_llama_loads_with_the_right_args_and_weights(tmp_path, tied
     logits, _ = model(torch.randint(0, VOCAB, (2, 8)))
     assert logits.shape == (2, 8, VOCAB) and torch.isfinite(logits).all()
     # a folder holding one .gguf file is that file; dtype as asked
-    model16 = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    model16 = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert model16.norm.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model16.norm.weight.float(), model.norm.weight, rtol=1e-2, atol=0)
 
@@ -170,7 +171,7 @@ def test_float_tensors_keep_their_dtype(tmp_path):
     # an F16 (or BF16) file is mapped as stored: the model takes the checkpoint's own dtype, as for safetensors
     tensors = [(n, np.ascontiguousarray(gguf.quants.dequantize(raw, q).astype(np.float16)).view(np.uint8), T.F16)
                for n, raw, q in tiny_llama_tensors(tied=True)]
-    model = Transformer.from_pretrained(write_gguf(tmp_path / "f16.gguf", kv=llama_kv(), tensors=tensors))
+    model = from_pretrained(write_gguf(tmp_path / "f16.gguf", kv=llama_kv(), tensors=tensors))
     assert model.tok_embeddings.weight.dtype == torch.float16
     reference = gguf.quants.dequantize(tensors[1][1], T.F16)  # blk.0.attn_q, [out, in]
     assert torch.equal(model.layers[0].attention.wq.weight.float(), torch.from_numpy(reference))
@@ -220,7 +221,7 @@ def smollm2():
     """(path, our model, transformers' model), both float32 on the CPU, loaded once for the module."""
     transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency")
     path = shared_path(REAL)
-    ours = Transformer.from_pretrained(path)
+    ours = from_pretrained(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                dtype=torch.float32).eval()
     return path, ours, theirs
@@ -268,7 +269,7 @@ def test_wrong_magic(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGML" + bytes(64))
     with pytest.raises(ValueError) as info:
-        Transformer.from_pretrained(path)
+        from_pretrained(path)
     assert_one_line(info, path, "not a GGUF file")
     with pytest.raises(ValueError) as info:
         checkpoints.read_gguf_metadata(path)
@@ -284,7 +285,7 @@ def test_unsupported_version(tmp_path, version):
     path = write_gguf(tmp_path / "v.gguf", kv=llama_kv(), tensors=tiny_llama_tensors(tied=True))
     set_version(path, version)
     with pytest.raises(ValueError) as info:
-        Transformer.from_pretrained(path)
+        from_pretrained(path)
     assert_one_line(info, path, "big-endian" if version == 3 << 24 else f"GGUF version {version}")
 
 
@@ -305,7 +306,7 @@ def test_truncated_real_file(tmp_path):
     # the metadata is all there: the tokenizer's reader needs no tensor data
     assert len(checkpoints.read_gguf_metadata(header_only)["tokenizer.ggml.tokens"]) == 49152
     with pytest.raises(ValueError) as info:
-        Transformer.from_pretrained(header_only)
+        from_pretrained(header_only)
     assert_one_line(info, header_only, "truncated", "token_embd.weight")
     cut_in_metadata = tmp_path / "cut.gguf"
     with open(real, "rb") as src, open(cut_in_metadata, "wb") as dst:
@@ -322,14 +323,14 @@ def test_truncated_in_tensor_data(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(size - 1000)  # the last tensor, output.weight (BF16: 153,600 bytes), loses its end
     with pytest.raises(ValueError) as info:
-        Transformer.from_pretrained(path)
+        from_pretrained(path)
     assert_one_line(info, path, "truncated", "output.weight")
 
 
 def test_not_llama_architecture(tmp_path):
     path = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2", kv=llama_kv("gpt2"), tensors=tiny_llama_tensors(tied=True))
     with pytest.raises(ValueError) as info:
-        Transformer.from_pretrained(path)
+        from_pretrained(path)
     assert_one_line(info, path, "'gpt2'", "LLaMA")
     assert checkpoints.read_gguf_metadata(path)["general.architecture"] == "gpt2"  # metadata alone reads any file
 
@@ -341,7 +342,7 @@ def test_unsupported_tensor_type(tmp_path):
     tensors[3] = (name, gguf.quants.quantize(w, T.Q5_0), T.Q5_0)
     path = write_gguf(tmp_path / "q5_0.gguf", kv=llama_kv(), tensors=tensors)
     with pytest.raises(TypeError) as info:
-        Transformer.from_pretrained(path)
+        from_pretrained(path)
     assert_one_line(info, path, "'blk.0.attn_v.weight'", "Q5_0", "Q4_K, Q5_K, Q6_K")
 
 

@@ -9,7 +9,7 @@ import torch
 
 import checkpoints
 from conftest import shared_path
-from checkpoints import read_safetensors
+from checkpoints import from_pretrained, read_safetensors
 from data.prompts import IGNORE_INDEX
 from model import ModelArgs, Transformer, rope_inv_freq
 from tokenizer import Tokenizer, train_tokenizer
@@ -58,7 +58,7 @@ def test_hf_safetensors_matches_transformers(tmp_path, name, overrides):
     hf = make_hf_model(**overrides)
     hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.args.tie_word_embeddings == bool(overrides.get("tie_word_embeddings", False))
     assert_same_logits(ours, hf)
 
@@ -68,7 +68,7 @@ def test_hf_sharded_safetensors(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    assert_same_logits(Transformer.from_pretrained(tmp_path), hf)
+    assert_same_logits(from_pretrained(tmp_path), hf)
 
 
 def test_loader_drops_each_tensor_once_copied(tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_loader_drops_each_tensor_once_copied(tmp_path, monkeypatch):
         read.append(weakref.ref(t))
         return t
     monkeypatch.setattr(checkpoints, "map_tensor", mapping)
-    model = Transformer.from_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
     assert len(read) == len(model.state_dict())
 
 
@@ -98,7 +98,7 @@ def test_hf_pytorch_bin_and_old_config_layout(tmp_path):
     config.pop("rope_parameters")
     config["rope_theta"] = 1e6
     (tmp_path / "config.json").write_text(json.dumps(config))
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.args.rope_theta == 1e6
     assert_same_logits(ours, hf)
 
@@ -109,7 +109,7 @@ def test_hf_lm_head_absent_means_tied(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["tie_word_embeddings"] = False  # an export that dropped lm_head but does not say it is tied
     (tmp_path / "config.json").write_text(json.dumps(config))
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.output.weight is ours.tok_embeddings.weight
     assert_same_logits(ours, hf)
 
@@ -117,7 +117,7 @@ def test_hf_lm_head_absent_means_tied(tmp_path):
 def test_load_in_requested_dtype(tmp_path):
     hf = make_hf_model()
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ours = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
     assert ours.freqs_cos.dtype == torch.float32  # RoPE tables stay float32 whatever the weights are
     torch.testing.assert_close(ours.tok_embeddings.weight.float(), hf.model.embed_tokens.weight, atol=1e-2, rtol=1e-2)
@@ -179,7 +179,7 @@ def test_meta_checkpoint_matches_transformers(tmp_path, n_shards, overrides, ext
     params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps, "vocab_size": -1, **extra}
     write_meta(tmp_path, hf, n_shards, params)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.args.vocab_size == c.vocab_size
     assert_same_logits(ours, hf)
 
@@ -217,7 +217,7 @@ def test_hf_rope_scaling_matches_transformers(tmp_path, kind):
                                          max_position_embeddings=128,
                                          rope_scaling={**scaling, "rope_theta": 10000.0}))
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.args.rope_scaling == scaling and ours.args.max_seq_len == 128
     # the rotary table itself: transformers' inv_freq exactly, and its cos/sin at every position
     inv_freq = rope_inv_freq(16, 10000.0, ours.args.rope_scaling)
@@ -296,7 +296,7 @@ def test_error_unsupported_hf_config(tmp_path, edit, error, message):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
     with pytest.raises(error, match=message) as e:
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     assert str(e.value).startswith(str(tmp_path / "config.json")) and "\n" not in str(e.value)
 
 
@@ -311,7 +311,7 @@ def test_meta_use_scaled_rope(tmp_path):
     params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "multiple_of": 32,
               "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
     write_meta(tmp_path, hf, 1, params)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.args.rope_scaling == meta_scaling
     inv_freq = rope_inv_freq(16, 500000.0, ours.args.rope_scaling)
     assert torch.equal(inv_freq, hf.model.rotary_emb.inv_freq)
@@ -347,7 +347,7 @@ def test_loss_ignores_masked_targets():
 def test_loss_matches_transformers(tmp_path):
     hf = make_hf_model()
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     tokens = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
     labels = tokens.clone()
     labels[0, :5] = labels[1, :9] = IGNORE_INDEX  # prompts of different lengths
@@ -420,7 +420,7 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
 @pytest.mark.parametrize("checkpoint", ["stories260K-hf", "stories260K/stories260K.bin"])
 def test_stories260k_generates_known_text(checkpoint):
     path = shared_path(f"models/{checkpoint}")
-    model = Transformer.from_pretrained(path)
+    model = from_pretrained(path)
     tok = Tokenizer.from_dir(path)
     prompt = tok.encode("Once upon a time")
     out = model.generate([prompt], max_new_tokens=40)[0]
@@ -428,8 +428,8 @@ def test_stories260k_generates_known_text(checkpoint):
 
 
 def test_stories260k_formats_agree_and_batch_with_padding():
-    hf = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
-    l2c = Transformer.from_pretrained(shared_path("models/stories260K/stories260K.bin"))
+    hf = from_pretrained(shared_path("models/stories260K-hf"))
+    l2c = from_pretrained(shared_path("models/stories260K/stories260K.bin"))
     tokens = torch.randint(0, 512, (2, 32))
     torch.testing.assert_close(hf(tokens)[0], l2c(tokens)[0], atol=1e-5, rtol=0)
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
@@ -463,7 +463,7 @@ def test_train_tokenizer(tmp_path):
 def test_error_directory_of_no_known_format(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a checkpoint this loader knows"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_error_missing_meta_shard(tmp_path):
@@ -471,7 +471,7 @@ def test_error_missing_meta_shard(tmp_path):
     write_meta(tmp_path, hf, 2, {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32})
     (tmp_path / "consolidated.00.pth").unlink()
     with pytest.raises(FileNotFoundError, match=r"consolidated\.00\.pth is missing"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_error_missing_last_meta_shard_is_a_shape_error(tmp_path):
@@ -479,7 +479,7 @@ def test_error_missing_last_meta_shard_is_a_shape_error(tmp_path):
     write_meta(tmp_path, hf, 2, {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32})
     (tmp_path / "consolidated.01.pth").unlink()
     with pytest.raises(ValueError, match="has shape"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_error_missing_hf_shard(tmp_path):
@@ -487,7 +487,7 @@ def test_error_missing_hf_shard(tmp_path):
     victim = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=victim.name):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_error_shape_mismatch(tmp_path):
@@ -496,7 +496,7 @@ def test_error_shape_mismatch(tmp_path):
     config["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"mlp|feed_forward.*has shape"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_error_unknown_and_missing_tensors(tmp_path):
@@ -506,11 +506,11 @@ def test_error_unknown_and_missing_tensors(tmp_path):
     sd["layers.0.attention.bias"] = torch.zeros(3)
     torch.save(sd, tmp_path / "consolidated.00.pth")
     with pytest.raises(KeyError, match="unexpected tensor 'layers.0.attention.bias'"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     del sd["layers.0.attention.bias"], sd["layers.1.ffn_norm.weight"]
     torch.save(sd, tmp_path / "consolidated.00.pth")
     with pytest.raises(KeyError, match=r"missing tensors \(1\): layers.1.ffn_norm.weight"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def write_safetensors(path, header: dict, data: bytes):
@@ -524,11 +524,11 @@ def test_error_corrupt_safetensors_header(tmp_path):
     good = f.read_bytes()
     f.write_bytes(struct.pack("<Q", 10**12) + good[8:])  # header length past the end of the file
     with pytest.raises(ValueError, match="corrupt safetensors header"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (n,) = struct.unpack("<Q", good[:8])
     f.write_bytes(good[:8] + b"{not json" + good[17:])  # same length, broken JSON
     with pytest.raises(ValueError, match="not valid JSON"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     write_safetensors(f, {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 400]}}, bytes(256))
     with pytest.raises(ValueError, match="offsets"):
         read_safetensors(f)

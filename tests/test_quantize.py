@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import quantize
 from conftest import shared_path
+from checkpoints import from_pretrained
 from model import ModelArgs, Transformer
 from moelora import (MoELoRAConfig, MoELoRALinear, inject_moelora, load_moelora, mark_only_moelora_as_trainable,
                      merge_moelora, moelora_aux_losses, moelora_layers, moelora_state_dict, save_moelora)
@@ -134,7 +135,7 @@ def test_stored_bytes_counts_int8_scales_and_the_rest_on_meta_as_on_real_tensors
 
 def test_stories260k_quantised_logits_stay_close():
     path = shared_path("models/stories260K-hf")
-    model = Transformer.from_pretrained(path)
+    model = from_pretrained(path)
     tok = Tokenizer.from_dir(path)
     story = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, "
     prompt = tok.encode("Once upon a time")
@@ -239,8 +240,8 @@ def test_every_checkpoint_format_quantises_to_the_same_bits():
     # quantize_int8 runs on the loaded model, after checkpoints.py has read any format: stories260K exported by
     # llama2.c (.bin) and by Hugging Face (safetensors) become the same int8 blocks. (The .bin ties its classifier to
     # the embeddings, which stays float; the HF export stores lm_head, which is quantised.)
-    hf = quantize_int8(Transformer.from_pretrained(shared_path("models/stories260K-hf"))).state_dict()
-    bin_ = quantize_int8(Transformer.from_pretrained(shared_path("models/stories260K/stories260K.bin"))).state_dict()
+    hf = quantize_int8(from_pretrained(shared_path("models/stories260K-hf"))).state_dict()
+    bin_ = quantize_int8(from_pretrained(shared_path("models/stories260K/stories260K.bin"))).state_dict()
     blocks = [k for k in hf if k.startswith("layers.")]
     assert sum(hf[k].dtype == torch.int8 for k in blocks) == 7 * 5  # wq wk wv wo w1 w2 w3 in each of 5 layers
     assert all(torch.equal(hf[k], bin_[k]) for k in blocks)

@@ -327,7 +327,7 @@ def test_a_llama3_style_checkpoint_with_its_tokenizer_json_as_transformers(tmp_p
     byte-level tokenizer.json whose post-processor adds <|begin_of_text|>. Our tokenizer and model against
     transformers' AutoTokenizer and LlamaForCausalLM, on text past the scaling's original context."""
     import transformers
-    from model import Transformer
+    from checkpoints import from_pretrained
     questions = [json.loads(line)["question"] for line in open(shared_path("data/gsm8k/test.jsonl"), encoding="utf-8")]
     train_tiny(tmp_path, PRE_TOKENIZERS["llama3"](), questions[:1000], llama3_like=True)
     config = transformers.LlamaConfig(
@@ -339,7 +339,7 @@ def test_a_llama3_style_checkpoint_with_its_tokenizer_json_as_transformers(tmp_p
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    ours, tok = Transformer.from_pretrained(tmp_path).eval(), Tokenizer.from_dir(tmp_path)
+    ours, tok = from_pretrained(tmp_path).eval(), Tokenizer.from_dir(tmp_path)
     assert isinstance(tok, BPETokenizer) and ours.args.rope_scaling["rope_type"] == "llama3"
     text = questions[1000] + " " + questions[1001]
     ids = tok.encode(text, bos=True)
