@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from checkpoints import from_pretrained
 from data.prompts import PROMPT_FORMATS
-from model import Transformer
 from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict,
                      mark_only_moelora_as_trainable, moelora_state_dict, save_moelora)
 from quantize import quantize_int8
@@ -400,11 +400,11 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 
 def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
-    """(the base model, its tokenizer) from a checkpoint (model.py reads Meta, HF, llama2.c and GGUF), its weights in
+    """(the base model, its tokenizer) from a checkpoint (checkpoints.py reads Meta, HF, llama2.c and GGUF), its weights in
     dtype on device; --quantize int8: quantised on the CPU first (7B in bf16 would not fit a 16 GB GPU first). Every
     base is read here."""
     try:
-        model = Transformer.from_pretrained(path, dtype=dtype, device="cpu" if quantize == "int8" else device)
+        model = from_pretrained(path, dtype=dtype, device="cpu" if quantize == "int8" else device)
         tok = Tokenizer.from_dir(path)
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
         raise SystemExit(f"error: cannot load --model {path}: {e}")

@@ -41,7 +41,7 @@ from data.training import hold_out, load_training_examples, tokenize_train_set
 from evaluate import grade, load_tests, validation_loss
 from checkpoints import HF_NAMES, read_model_args
 from model import Transformer
-from moelora import (GATES, MoELoRAConfig, is_linear, moelora_aux_losses, moelora_config, moelora_routing_stats,
+from moelora import (GATES, MoELoRAConfig, moelora_aux_losses, moelora_config, moelora_routing_stats,
                      moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
                   check_out_dir, default_device, keep_best, keep_checkpoint, load_run, new_model, open_run, plot_curves,
@@ -255,7 +255,8 @@ def check_args(args, base, world_size: int):
 def target_problems(args, base) -> list:
     """--target_modules checked against the linear layers of the base built on the meta device, read and not changed:
     before a tiny base is pretrained or 7B loaded."""
-    linear = {name for _, parent in base.named_modules() for name, child in parent.named_children() if is_linear(child)}
+    linear = {name for _, parent in base.named_modules() for name, child in parent.named_children()
+              if isinstance(child, torch.nn.Linear)}  # model.py's, before any quantisation
     missing = [t for t in moelora_config_from(args).target_modules if t not in linear]
     if args.method == "full" or not missing:
         return []
@@ -495,9 +496,8 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
         only_real = moelora_token_mask(raw_model, real) if args.method != "full" else contextlib.nullcontext()
         with (contextlib.nullcontext() if run.world_size == 1 or sync else model.no_sync()), run.autocast(), only_real:
             logits, lm_loss = model(x, y)
-            aux = moelora_aux_losses(raw_model) if args.method == "moelora" else {}
-            if aux and args.contrastive_warmup:
-                aux["contrastive"] = aux["contrastive"] * contrastive_ramp(args, step)
+            aux = (moelora_aux_losses(raw_model, contrastive_scale=contrastive_ramp(args, step))
+                   if args.method == "moelora" else {})
             # DDP averages gradients over processes, hence the world_size factor
             loss = lm_loss * (n_targets[j] * run.world_size / global_targets)
             loss = loss + sum(aux.values()) / len(micro_batches)
@@ -519,7 +519,7 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
 
 def contrastive_ramp(args, step: int) -> float:
     """The share of --contrastive_weight used at step `step` (0-based): (step + 1) / --contrastive_warmup, capped
-    at 1. The layers hold the full weight; the training loop scales their loss by this."""
+    at 1. The layers hold the full weight; moelora_aux_losses applies this share of it."""
     return 1.0 if args.contrastive_warmup == 0 else min(1.0, (step + 1) / args.contrastive_warmup)
 
 

@@ -14,7 +14,7 @@ index, random weights, the LLaMA-2 tokenizer from $MOELORA_SHARED) and reused. E
 subprocess, marked between its phases:
 
   start        imports, data, tokenization: everything before the checkpoint is opened
-  load         checkpoints.load_pretrained: the base allocated in the compute dtype and filled from the shards
+  load         checkpoints.from_pretrained: the base allocated in the compute dtype and filled from the shards
   inject       the adapters injected and marked trainable
   forward      the first training forward pass (logits and loss)
   backward     its backward pass
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     a("--grad_checkpointing", default="off", choices=["off", "on", "both"], help="contenders without and/or with "
       "train.py --grad_checkpointing (default %(default)s)")
     a("--max_seq_len", type=int, default=64)
-    a("--load_only", action="store_true", help="only Transformer.from_pretrained in each --dtype: the loader's peak, "
+    a("--load_only", action="store_true", help="only checkpoints.from_pretrained in each --dtype: the loader's peak, "
       "in seconds even at LLaMA-7B's shape")
     a("--out_dir", default=os.path.join(tempfile.gettempdir(), "moelora_bench_cpu_memory_run"))
     a("--sample_ms", type=float, default=5.0, help="how often the thread reads /proc/self/status")
@@ -188,8 +188,8 @@ class Meter:
 
 def run_child(spec: dict):
     """Run train.main(spec["argv"]) with a mark after each phase; print the phases as one JSON line."""
-    import checkpoints
     import evaluate
+    import runs
     import train
     meter, facts, seen = Meter(spec["sample_ms"] / 1000), {}, set()
 
@@ -207,15 +207,15 @@ def run_child(spec: dict):
             return out
         setattr(owner, name, marked)
 
-    load_pretrained = checkpoints.load_pretrained
+    from_pretrained = runs.from_pretrained
 
     def loading(*a, **kw):
         once("start")
-        model = load_pretrained(*a, **kw)
+        model = from_pretrained(*a, **kw)
         facts["base_bytes"] = sum(t.nbytes for t in model.state_dict().values())
         once("load")
         return model
-    checkpoints.load_pretrained = loading  # Transformer.from_pretrained imports it when called
+    runs.from_pretrained = loading  # runs.load_base reads every base through it
     new_model = train.new_model
 
     def loading_base(*a, **kw):
@@ -252,8 +252,7 @@ def run_child(spec: dict):
     mark_after(evaluate, "generate_responses", "generation")
     t0 = time.time()
     if spec.get("load_only"):
-        from model import Transformer
-        Transformer.from_pretrained(spec["load_only"], dtype=DTYPES[spec["dtype"]])
+        runs.from_pretrained(spec["load_only"], dtype=DTYPES[spec["dtype"]])
     else:
         train.main(spec["argv"])
     once("end")

@@ -10,7 +10,7 @@ This project against transformers + PEFT: the same LLaMA, the same work, measure
                                                    # (benchmarks/README.md "On a GPU": an H200's figures)
 
 Both models are built with the same random weights: transformers' LlamaForCausalLM(LlamaConfig(...)) is
-saved with save_pretrained and loaded by Transformer.from_pretrained (nothing is downloaded). With --model, both
+saved with save_pretrained and loaded by checkpoints.from_pretrained (nothing is downloaded). With --model, both
 read the same real checkpoint instead (a GGUF file: transformers dequantises it with the gguf package). Contenders
 run in turn, round after round in one process (who goes first rotates), so that a slow moment of the
 machine hits them all alike; tables show medians. Three parts:

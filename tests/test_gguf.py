@@ -227,6 +227,7 @@ def smollm2():
     return path, ours, theirs
 
 
+@pytest.mark.slow
 def test_real_file_args_and_metadata(smollm2):
     path, model, theirs = smollm2
     assert model.args == ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
@@ -241,6 +242,7 @@ def test_real_file_args_and_metadata(smollm2):
     assert len(metadata["tokenizer.ggml.tokens"]) == 49152 and metadata["tokenizer.ggml.model"] == "gpt2"
 
 
+@pytest.mark.slow
 def test_real_file_logits_and_greedy_tokens_equal_transformers(smollm2):
     _, model, theirs = smollm2
     tokens = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))

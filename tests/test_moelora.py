@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model as model_py
 import moelora
 from moelora import (MoELoRAConfig, MoELoRALinear, balance_loss, contrastive_loss, inject_moelora,
                      load_moelora_state_dict, mark_only_moelora_as_trainable, merge_moelora,
@@ -398,7 +399,6 @@ def test_batched_aux_losses_equal_the_per_layer_losses_with_their_gradients():
     # moelora_aux_losses forms every layer's losses in one batched computation (grouped by what stacks: wq and wv
     # differ in width under grouped-query attention); it must equal each layer's losses written out the long way,
     # on sampled pairs under a token mask, and so must the gradients into A, B and the routers
-    model_py = pytest.importorskip("model")
     args = model_py.ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
     torch.manual_seed(0)
     model = model_py.Transformer(args)
@@ -590,6 +590,7 @@ def test_llama_from_model_py():
     assert model.tok_embeddings.weight.grad is None
 
 
+@pytest.mark.slow
 def test_torch_compile_one_graph_and_same_loss_and_gradients():
     # A graph break in every adapted layer would undo much of what torch.compile buys on a GPU; ops whose
     # output shape depends on the data (bincount, boolean indexing) and branches on tensor values cause them.
@@ -732,7 +733,6 @@ def test_token_mask_errors_and_scope():
 def test_token_mask_in_our_llama_padding_gets_no_gradient_and_outputs_do_not_change():
     # model.py's attention is causal and padding comes last, so real tokens never see it: under the mask, the
     # auxiliary losses must send no gradient at all into the padded positions; without it they do
-    model_py = pytest.importorskip("model")
     model = model_py.Transformer(model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32))
     mark_only_moelora_as_trainable(inject_moelora(model, small_config(contrastive_samples=256)))
     randomize_B(model)
@@ -762,7 +762,6 @@ def test_token_mask_survives_activation_checkpointing_with_backward_after_the_wi
     # same mask, or autograd would get other saved tensors (an error at best, wrong gradients at worst). With
     # dropout, the rerun must also use up the same random numbers: the layer that drew the contrastive pairs in
     # the forward draws them again, so that its block's dropout masks come out as they did
-    model_py = pytest.importorskip("model")
     args = model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
     tokens = torch.randint(1, 64, (3, 10))
     mask = torch.arange(10)[None, :] < torch.tensor([10, 4, 7])[:, None]
@@ -789,7 +788,6 @@ def test_checkpointing_rerun_keeps_no_loss_graph():
     # checkpointing reruns each block's forward in backward; the rerun recomputes the losses' saved tensors but
     # must not keep its losses: held as the layer's aux_* they pinned each rerun layer's loss graph until the next
     # step (on an H200 at LLaMA-7B's shape, 2.5 GB more than without them at the peak)
-    model_py = pytest.importorskip("model")
     args = model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32)
     model = model_py.Transformer(args)
     mark_only_moelora_as_trainable(inject_moelora(model, small_config(contrastive_samples=16)))

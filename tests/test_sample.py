@@ -20,6 +20,7 @@ import sample
 import train
 from data.prompts import eval_prompt_tokens, format_prompt
 from data.tasks import load_split
+from checkpoints import from_pretrained
 from model import ModelArgs, Transformer
 from moelora import MoELoRAConfig, inject_moelora, load_moelora_state_dict, moelora_layers
 from runs import Precision
@@ -53,7 +54,7 @@ def lora_run(tmp_path_factory):
 def run_model(run_dir):
     """The training run's own model, rebuilt by hand from ckpt.pt: the base it names, the adapters as saved."""
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
-    model = Transformer.from_pretrained(ckpt["config"]["base"], dtype=torch.float32)
+    model = from_pretrained(ckpt["config"]["base"], dtype=torch.float32)
     inject_moelora(model, MoELoRAConfig(**ckpt["weights"]["moelora_config"]))
     load_moelora_state_dict(model, ckpt["weights"])
     return model.eval(), Tokenizer.from_dir(ckpt["config"]["base"])
@@ -179,9 +180,6 @@ def test_a_run_moved_with_its_built_in_base(moe_run, tmp_path):
 
 
 def test_int8_run_samples_as_it_was_graded(tmp_path, capsys):
-    pytest.importorskip("quantize")
-    if "quantize" not in vars(train.parse_args([])):
-        pytest.skip("train.py has no --quantize yet")
     run = tiny_run(tmp_path, "--quantize", "int8", "--eval_limit", "1")
     question = load_split("gsm8k", "test", shared_path("data"))[0]["instruction"]
     prediction = json.loads((run / "predictions_gsm8k_first1.jsonl").read_text().splitlines()[0])["prediction"]

@@ -10,6 +10,7 @@ sys.path.insert(0, str(ROOT / "tutorial"))
 import shift  # noqa: E402
 
 
+@pytest.mark.slow
 def test_shift_experiment_quick(tmp_path, capsys):
     argv = ["--quick", "--out_dir", str(tmp_path), "--contenders", "lora,moelora_warm", "--jobs", "2",
             "--model", str(shared_path("models/stories260K-hf")), "--data_dir", str(shared_path("data"))]
@@ -33,6 +34,7 @@ def test_shift_refuses_an_unknown_contender():
         shift.parse_args(["--contenders", "lora,mystery"])
 
 
+@pytest.mark.slow
 def test_trial_quick(tmp_path, capsys):
     # the contrastive-loss trial's language-model tier, reduced: each run stops after step 1, keeps that adapter
     # and resumes to step 2; then its measures (a)-(e) against the routers as initialised

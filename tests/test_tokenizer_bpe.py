@@ -78,6 +78,7 @@ def smollm2_gguf():
     return BPETokenizer.from_gguf_metadata(gguf_metadata(path), str(path))
 
 
+@pytest.mark.slow
 def test_every_dataset_text_as_the_reference(smollm2, reference, texts):
     assert len(texts) > 130_000
     start = time.perf_counter()
@@ -124,6 +125,7 @@ def test_sentencepiece_piece():
     assert [tok.piece(i) for i in tok.encode("Once upon a time")] == ["<s>", "▁Once", "▁upon", "▁a", "▁time"]
 
 
+@pytest.mark.slow
 def test_gguf_metadata_gives_the_same_tokenizer(smollm2_gguf, smollm2, reference, texts):
     tok = smollm2_gguf
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (1, 2, 2, False, 49152)

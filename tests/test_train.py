@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, run_in_group, shared_path
 
 import evaluate
 import moelora
@@ -23,7 +23,7 @@ import train
 from data.prompts import eval_prompt_tokens, tokenize_dataset
 from data import training
 from data.tasks import FAMILIES, load_split
-from model import Transformer
+from checkpoints import from_pretrained
 from moelora import MoELoRAConfig, inject_moelora
 from tokenizer import Tokenizer
 
@@ -44,7 +44,7 @@ def small_run(out_dir, *extra, model="stories260K-hf"):
 def run_script(args, env_extra=None, module=None):
     cmd = [sys.executable] + (["-m", module] if module else []) + args
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_in_group(cmd, timeout=300, cwd=ROOT, env=env, text=True)  # torchrun's workers die with it
 
 
 def test_end_to_end_on_stories260k(tmp_path):
@@ -186,6 +186,7 @@ def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     assert floats == (["output"] if model.args.tie_word_embeddings else [])  # a tied one is kept, not stored twice
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     # no dropout and no contrastive sampling: then 2 processes x 1 micro-batch must equal 1 process x 2;
     # on a family's mixture, so that the per-source losses are gathered from both processes too
@@ -347,6 +348,7 @@ def test_commonsense_family_reports_the_missing_benchmark(tmp_path, capsys):
     assert set(log[0]["loss_per_source"]) <= {"boolq", "arc_e", "arc_c", "obqa"} and log[0]["loss_per_source"]
 
 
+@pytest.mark.slow
 def test_eval_tasks_grades_a_list_and_ddp_splits_evaluation_exactly(tmp_path):
     # 2 processes grade alternate batches; gathered, predictions and table equal one process's
     common = ["--eval_only", "--eval_tasks", "gsm8k,svamp,boolq", "--eval_limit", "6", "--eval_batch_size", "2",
@@ -367,7 +369,7 @@ def test_routing_per_task_finds_a_router_that_separates_the_tasks():
     # one dimension and point two experts along it. Their tokens then never share a top-1 expert, and
     # I(task; expert) must equal H(task); routers that ignore that dimension must give 0.
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
-    model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    model = from_pretrained(shared_path("models/stories260K-hf"))
     inject_moelora(model, MoELoRAConfig(num_experts=4, top_k=2, r=2))
     tests = {"a": [{"instruction": "cat dog cat", "input": "", "output": "", "answer": "1"}] * 3,
              "b": [{"instruction": "sun moon sun moon", "input": "", "output": "", "answer": "2"}] * 2}
@@ -494,6 +496,7 @@ def test_resume_after_a_kill_logs_each_step_once(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["loss"] != 9.0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     # SIGTERM (what SLURM and Kubernetes send) in the middle of training: the step finishes, a checkpoint is
     # saved, the exit status is 128 + 15, and --resume ends with the weights of an uninterrupted run
@@ -556,6 +559,7 @@ def test_a_second_signal_stops_at_once_even_inside_a_long_native_call(sig):
                                 f"{name} again: stopping now, without saving"]
 
 
+@pytest.mark.slow
 def test_same_command_same_result_with_or_without_a_cached_base(tmp_path, monkeypatch):
     monkeypatch.setenv("MOELORA_CACHE", str(tmp_path / "cache"))
     argv = ["--task", "gsm8k", "--data_dir", str(shared_path("data")), "--pretrain_steps", "2", "--max_steps", "1",
@@ -571,6 +575,7 @@ def test_same_command_same_result_with_or_without_a_cached_base(tmp_path, monkey
     assert len(list((tmp_path / "cache").glob("tiny_base_gsm8k_*"))) == 2
 
 
+@pytest.mark.slow
 def test_torchrun_with_the_preset_micro_batch(tmp_path):
     # the tiny preset's micro-batch is the whole batch of 16: with 2 processes each gets 8
     r = run_script(["--standalone", "--nproc_per_node=2", "train.py", "--task", "gsm8k", "--preset", "tiny",
@@ -647,7 +652,7 @@ def test_the_docs_use_flags_that_exist(capsys):
 def test_a_prompt_longer_than_the_context_is_cut_and_counted():
     # some commonsense prompts pass 800 tokens; stories260K reads 512: the prompt keeps its end and the answer room
     tok = Tokenizer.from_dir(shared_path("models/stories260K-hf"))
-    model = Transformer.from_pretrained(shared_path("models/stories260K-hf"))
+    model = from_pretrained(shared_path("models/stories260K-hf"))
     run = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cuda", enabled=False), None)
     args = train.parse_args(["--max_new_tokens", "8", "--eval_batch_size", "2"])
     examples = [{"instruction": "Once upon a time " * 200 + "Answer format: true/false", "input": "", "output": "",

@@ -73,6 +73,7 @@ def test_routing_measure_helpers():
     assert controlled.floor_single(task, 32) > 0.3  # and still no single update fits every cluster
 
 
+@pytest.mark.slow
 def test_c8_quick_runs_resumes_and_decides(tmp_path, capsys):
     summary = trial.main(["--design", "c8", "--quick", "--trial_dir", str(tmp_path), "--jobs", "2"])
     out = capsys.readouterr().out
