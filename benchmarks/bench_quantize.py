@@ -20,7 +20,8 @@ Parts (--parts, comma-separated):
             same weights and the bytes of LLaMA-7B's stored base with each
   accuracy  logits and answer loss against the float32 base: the loss of GSM8K's reference solutions under the
             Alpaca prompt, teacher-forced, prompt tokens and padding excluded (what train.py's answer_loss computes),
-            on stories260K and on the built-in tiny base (built into --tiny_base_dir unless it is there already)
+            on stories260K and on the built-in tiny base (built into --tiny_base_dir unless it is there already),
+            and on --extra_base when given
   train     --train_steps MoELoRA steps on stories260K, float32 base and each format's base, the same batches and seed
   speed     one MoELoRA training step (forward, auxiliary losses, backward, AdamW) on a --shape model with random
             weights, each --dtype's float base against each format's base made from it, medians of alternating rounds.
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=1, help="rounds run first and not timed")
     a("--no_memory", action="store_true", help="skip the speed part's memory subprocesses")
     a("--eval_examples", type=int, default=64, help="GSM8K test examples of the accuracy part")
+    a("--extra_base", default=None, help="a further checkpoint for the accuracy part, any format checkpoints.py reads "
+      "(e.g. ../shared's SmolLM2-135M GGUF file; 4 examples a batch: a large vocabulary's logits are large)")
     a("--train_steps", type=int, default=30)
     a("--tiny_base_dir", default=os.path.join(tempfile.gettempdir(), "moelora_bench_quantize"),
       help="where the accuracy part builds (or finds) the built-in tiny base")
@@ -319,6 +322,8 @@ def part_accuracy(args):
     if STORIES.exists():
         bases["stories260K"] = STORIES
     bases[f"built-in tiny base ({args.pretrain_steps} pretraining steps)"] = the_tiny_base(args, data_dir)
+    if args.extra_base:
+        bases[Path(args.extra_base).name] = Path(args.extra_base)
     print(f"\n## {', '.join(args.formats)} base against float32: the first {len(examples)} GSM8K test questions with "
           "their reference solutions, Alpaca prompt\n")
     print("| base | format | tokens | max abs logit diff | mean abs | logits' std | mean / std | answer loss float32 | "
@@ -326,7 +331,7 @@ def part_accuracy(args):
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, path in bases.items():
         for fmt in args.formats:
-            r = compare(path, examples, fmt)
+            r = compare(path, examples, fmt, batch=4 if str(path) == args.extra_base else 16)
             change = r['loss_q'] - r['loss_float']
             print(f"| {name} | {fmt} | {r['tokens']:,} | {r['max']:.4f} | {r['mean']:.4f} | {r['std']:.3f} | "
                   f"{100 * r['mean'] / r['std']:.2f}% | {r['loss_float']:.4f} | {r['loss_q']:.4f} | "
