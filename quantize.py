@@ -1,11 +1,12 @@
 """
-A frozen int8 base for MoELoRA: every nn.Linear of the base stored as int8 with one scale per group of 64 weights
+A frozen quantised base for MoELoRA: every nn.Linear of the base stored as int8 with one scale per group of 64 weights
 along the input dimension (as llama2.c's runq.c quantises), so that LLaMA-7B's base takes 7.1 GB instead of 13.5 GB
-in bf16 and LLaMA-7B + MoELoRA trains on a 16 GB GPU. The adapters and routers stay float32 and train as before.
-Needs only torch.
+in bf16 and LLaMA-7B + MoELoRA trains on a 16 GB GPU; or as QLoRA's 4-bit NormalFloat (NF4), 3.8 GB. The adapters and
+routers stay float32 and train as before. Needs only torch.
 
     model = from_pretrained(path, dtype=torch.bfloat16)   # checkpoints.py
     quantize_int8(model)                                  # wq wk wv wo w1 w2 w3 and output become Int8Linear
+                                                          # (or quantize_nf4(model): they become NF4Linear)
     inject_moelora(model, MoELoRAConfig())                # MoELoRALinear wraps an Int8Linear as it wraps an nn.Linear
     mark_only_moelora_as_trainable(model)
     print(stored_bytes(model) / 1e9, "GB")
@@ -16,15 +17,28 @@ Per group of G = 64 weights w_1 .. w_G of one output row:
     q_j = round(w_j / s)           int8 in [-127, 127]
     w_j ~ q_j * s                  |q_j s - w_j| <= s / 2
 
+NF4 (QLoRA, Dettmers et al. 2023), per block of B = 64 weights w_1 .. w_B of one output row:
+
+    s = max_j |w_j|                stored in bf16 (SCALE_DTYPE)
+    c_j = argmin_k |w_j / s - L_k|     a 4-bit code, 0 .. 15, with L = NF4_LEVELS: 16 levels in [-1, 1], L_7 = 0
+    w_j ~ L[c_j] * s               |L[c_j] s - w_j| <= s (L_1 - L_0) / 2 = 0.152 s, half the widest gap
+
+Two codes per byte, the even column's in the high 4 bits: weight [out, in_padded / 2] uint8. 64 weights take 32 + 2
+bytes (4.25 bits a weight), against bf16's 128. The levels are not evenly spaced: each is a quantile of the normal
+distribution, so that normally distributed weights use the 16 codes about equally often (see NF4_LEVELS).
+
 The forward dequantises one layer's weight at a time, in the input's dtype (bf16 under a GPU's autocast, float32 on
-the CPU), and the backward dequantises it again instead of keeping it: see Int8Matmul. No weight gradient exists.
+the CPU), and the backward dequantises it again instead of keeping it: see Int8Matmul and NF4Matmul. No weight
+gradient exists.
 """
+import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-__all__ = ["Int8Linear", "quantize_int8", "stored_bytes", "quantize_weight", "dequantize_weight"]
+__all__ = ["Int8Linear", "quantize_int8", "stored_bytes", "quantize_weight", "dequantize_weight",
+           "NF4Linear", "quantize_nf4", "quantize_nf4_weight", "dequantize_nf4_weight", "NF4_LEVELS"]
 
 # The scales' dtype, measured by benchmarks/bench_quantize.py (mean |w - q s| on stories260K and 7B-sized random
 # weights): fp16 scales are 1% more accurate where q s is made in float32 or fp16, but 2-3% less accurate in bf16, the
@@ -123,6 +137,138 @@ class Int8Linear(nn.Module):
                 f"group_size={self.group_size}, int8")
 
 
+# QLoRA's NormalFloat levels, written out as published (bitsandbytes' NF4 table, float32) rather than computed at
+# import: tests/test_quantize.py rebuilds them from torch.distributions.Normal's quantile function and finds the same
+# values to float32's precision. The construction: the quantiles of N(0, 1) at 8 probabilities evenly spaced from 0.5
+# to 0.9677083 (0.5 itself left out) for the positive levels and at 7 for the negative ones, an exact 0, all divided
+# by the largest so that they span [-1, 1]. Asymmetric, 8 positive and 7 negative, so that 0 is a level (a zero weight
+# and the padding stay exact) and 16 codes are used. The offset 0.9677083 is the mean of 1 - 1/(2 * 15) and
+# 1 - 1/(2 * 16): a quantile at 1 itself would be infinite. Weights of a block are about normal, so that each level
+# gets about as many of them: a 4-bit code carries nearly 4 bits of information, which evenly spaced levels do not.
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+# Double quantisation (QLoRA: the absmax scales themselves quantised to 8 bits, in blocks of 256 with one float32
+# scale each, after subtracting their mean) is left out: it does not pay here. Its error is no concern (the mean
+# round-trip error moves by 0.03% or less), its bytes are: the scales are bf16 here, not QLoRA's float32, which already
+# saves 2 of QLoRA's 4 bytes per 64 weights; double quantisation would save 1 - 4/256 more. LLaMA-7B's stored base:
+# 3.98 GB with float32 scales, 3.77 GB with bf16 ones (0.280x bf16), 3.67 GB double-quantised (0.272x): 2.7% less, for
+# a third kind of stored tensor and a second dequantisation in every forward and backward. Measured by
+# benchmarks/bench_quantize.py --parts bytes,scales (benchmarks/README.md, "A 4-bit NF4 base").
+
+
+@functools.lru_cache(maxsize=None)
+def nf4_levels(device, dtype):
+    """NF4_LEVELS as a tensor [16] on device in dtype, made once: a tensor made from a Python list on a GPU is a copy
+    from the host, which waits for the GPU, and dequantize_nf4_weight runs twice per layer per step."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device).to(dtype)
+
+
+def quantize_nf4_weight(w, block_size: int = 64, chunk_rows: int = 256):
+    """w [out, in] float -> (codes [out, in_padded // 2] uint8, two 4-bit codes a byte, the even column's in the high
+    4 bits; scales [out, n_blocks] SCALE_DTYPE). A width that is not a multiple of block_size is padded with zeros, as
+    quantize_weight pads: they get the code of the level 0 and do not change their block's scale.
+
+    Quantises chunk_rows rows at a time. The nearest level is found by counting the midpoints between levels that lie
+    below w / s (torch.bucketize: no [out, in, 16] table of distances), but the float32 copy, w / s and the int32 codes
+    still take 12 bytes a weight: 1.6 GB for LLaMA-7B's output layer (32000 x 4096, 0.26 GB in bf16), 12 MB for a
+    chunk of 256 of its rows. Deterministic, and the same bits whatever chunk_rows."""
+    if block_size % 2:
+        raise ValueError(f"block_size must be even (two 4-bit codes a byte), got {block_size}")
+    out_features, in_features = w.shape
+    n_blocks = -(-in_features // block_size)  # ceil
+    codes = torch.empty(out_features, n_blocks * block_size // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_features, n_blocks, dtype=SCALE_DTYPE, device=w.device)
+    levels = nf4_levels(w.device, torch.float32)
+    midpoints = (levels[1:] + levels[:-1]) / 2  # [15]: the nearest level's index = how many midpoints lie below
+    for i in range(0, out_features, chunk_rows):
+        rows = w[i:i + chunk_rows].float()
+        rows = F.pad(rows, (0, -in_features % block_size)) if in_features % block_size else rows  # [rows, in_padded]
+        blocks = rows.view(len(rows), n_blocks, block_size)  # [rows, n_blocks, B]
+        amax = blocks.abs().amax(dim=-1)  # [rows, n_blocks]
+        s = torch.where(amax > 0, amax, 1.0).to(SCALE_DTYPE)  # an all-zero block: scale 1, every code that of 0
+        scales[i:i + chunk_rows] = s
+        # divide by the scale as stored, as quantize_weight does: the bound holds for the s that dequantises. A scale
+        # rounded down by bf16 puts max|w| / s just above 1: it gets the level 1, within the bound
+        c = torch.bucketize(blocks / s.float().unsqueeze(-1), midpoints, out_int32=True).to(torch.uint8)
+        c = c.view(len(rows), -1)  # [rows, in_padded], 0 .. 15
+        codes[i:i + chunk_rows] = c[:, 0::2] << 4 | c[:, 1::2]
+    return codes, scales
+
+
+def dequantize_nf4_weight(codes, scales, dtype, in_features: int):
+    """codes [out, in_padded // 2] uint8, scales [out, n_blocks] -> w [out, in_features] in dtype (the padding cut
+    off). In bf16 the levels and their products with the scales are rounded to bf16 (under 0.7% of each weight), which
+    adds 0.02% to NF4's mean error on normal weights."""
+    out_features, n_blocks = scales.shape
+    c = torch.stack((codes >> 4, codes & 15), dim=-1).view(-1)  # [out * in_padded]: each byte's two codes, in order
+    # index_select, not levels[c]: about 9x faster on the CPU (torch 2.13), and it takes int32 indices
+    w = nf4_levels(codes.device, dtype).index_select(0, c.int()).view(out_features, n_blocks, -1)  # [out, n_blocks, B]
+    return (w * scales.to(dtype).unsqueeze(-1)).view(out_features, -1)[:, :in_features]
+
+
+class NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W = dequantize_nf4_weight(codes, scales), keeping only the codes and scales for the backward,
+    as Int8Matmul does (and for the same reason)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, in_features: int):
+        ctx.save_for_backward(codes, scales)  # the layer's own packed codes and scales: no new memory
+        ctx.in_features = in_features
+        return F.linear(x, dequantize_nf4_weight(codes, scales, x.dtype, in_features))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        codes, scales = ctx.saved_tensors
+        grad_x = grad_y @ dequantize_nf4_weight(codes, scales, grad_y.dtype, ctx.in_features)  # [.., out] @ [out, in]
+        return grad_x, None, None, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear stored as NF4 codes with blockwise absmax scales; y = x dequantize(weight, scales)^T + bias.
+
+    weight [out, in_padded // 2] uint8 (two codes a byte) and scales [out, n_blocks] bf16 are Parameters that never
+    require grad, for the reasons Int8Linear gives: .to(), state_dict and DistributedDataParallel treat them as the
+    model's weights. Until from_linear fills it, the weight is 0 (every code that of the level 0)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, block_size: int = 64, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        n_blocks = -(-in_features // block_size)  # ceil
+        zeros = 7 << 4 | 7  # a byte of two codes of the level 0
+        self.weight = nn.Parameter(torch.full((out_features, n_blocks * block_size // 2), zeros, dtype=torch.uint8,
+                                              device=device), requires_grad=False)
+        self.scales = nn.Parameter(torch.ones(out_features, n_blocks, dtype=SCALE_DTYPE, device=device), requires_grad=False)
+        bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.register_parameter("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64) -> "NF4Linear":
+        b = linear.bias
+        layer = cls(linear.in_features, linear.out_features, b is not None, block_size, "meta")  # nothing allocated
+        codes, scales = quantize_nf4_weight(linear.weight.detach(), block_size)
+        layer.weight, layer.scales = nn.Parameter(codes, requires_grad=False), nn.Parameter(scales, requires_grad=False)
+        if b is not None:
+            layer.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        return layer
+
+    def forward(self, x):
+        device_type = x.device.type  # autocast as in Int8Linear.forward
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        y = NF4Matmul.apply(x, self.weight, self.scales, self.in_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized(self, dtype=torch.float32):
+        """The weight this layer computes with, [out, in]: for checks and for merging by hand."""
+        return dequantize_nf4_weight(self.weight, self.scales, dtype, self.in_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}, nf4")
+
+
 def quantize_int8(model, group_size: int = 64):
     """Replace, in place, every nn.Linear of the base with an Int8Linear; embeddings and norms stay as they are.
     Call it before inject_moelora (which then wraps the Int8Linear layers). Returns model.
@@ -132,21 +278,37 @@ def quantize_int8(model, group_size: int = 64):
     nn.Linear is replaced, not its subclasses: nn.MultiheadAttention's out_proj is one, and its parent reads its
     weight instead of calling it. Quantises one layer at a time, on the device the weights are on: the peak memory
     is the model plus one layer's temporaries."""
+    return replace_linears(model, "quantize_int8", lambda linear: Int8Linear.from_linear(linear, group_size))
+
+
+def quantize_nf4(model, block_size: int = 64):
+    """As quantize_int8, with NF4Linear layers: every plain, untied nn.Linear of the base becomes 4-bit NF4 with one
+    scale per block of block_size inputs. Returns model."""
+    return replace_linears(model, "quantize_nf4", lambda linear: NF4Linear.from_linear(linear, block_size))
+
+
+def replace_linears(model, caller: str, quantized):
+    """quantize_int8 and quantize_nf4: each plain, untied nn.Linear of model replaced by quantized(linear)."""
     if any(hasattr(m, "lora_A") for m in model.modules()):  # MoELoRA's layers, or another LoRA library's
-        raise ValueError("quantize_int8: the model already has LoRA adapters; quantise the base first: "
-                         "quantize_int8(model), then inject_moelora(model, config) or load_moelora(model, path)")
+        raise ValueError(f"{caller}: the model already has LoRA adapters; quantise the base first: "
+                         f"{caller}(model), then inject_moelora(model, config) or load_moelora(model, path)")
+    other = Int8Linear if caller == "quantize_nf4" else NF4Linear
+    if any(isinstance(m, other) for m in model.modules()):  # else it would find no nn.Linear and say nothing
+        raise ValueError(f"{caller}: the model's base is quantised already, with {other.__name__} layers; "
+                         "quantise the float base once, in one format")
     uses = {}  # id(weight) -> how many modules hold it: 2 or more means tied
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and uses[id(child.weight)] == 1:
-                setattr(parent, name, Int8Linear.from_linear(child, group_size))
+                setattr(parent, name, quantized(child))
     return model
 
 
 def stored_bytes(model) -> int:
     """Bytes of the model's state dict (parameters and persistent buffers), each tensor once: a tied weight is one
-    tensor under two names. Works on the meta device: a LLaMA-7B built there is counted without allocating it."""
+    tensor under two names. Works on the meta device: a LLaMA-7B built there is counted without allocating it. An
+    NF4Linear's packed codes count 1 byte per 2 weights, its padding included, as they are stored."""
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())

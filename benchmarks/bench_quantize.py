@@ -1,24 +1,30 @@
 """
-The frozen int8 base of quantize.py against a float one: what it stores, how far its logits move, how MoELoRA
-trains on it, and what a training step costs.
+The frozen quantised bases of quantize.py, int8 and NF4, against a float one: what they store, how far their logits
+move, how MoELoRA trains on them, and what a training step costs.
 
-    python benchmarks/bench_quantize.py                   # CPU, every part, about 3 minutes on 2 cores
-    python benchmarks/bench_quantize.py --parts bytes,accuracy
+    python benchmarks/bench_quantize.py                   # CPU, every part, both formats, about 3 minutes on 2 cores
+    python benchmarks/bench_quantize.py --parts bytes,accuracy --formats nf4
     python benchmarks/bench_quantize.py --device cuda --dtype bf16 --shape 7b --grad_checkpointing --parts speed
                                                           # benchmarks/gpu_checklist.sh: LLaMA-7B's shape on a GPU
 
+Formats (--formats, comma-separated, default both): int8 (quantize_int8), nf4 (quantize_nf4); each part measures
+each format given. --formats int8 prints the int8 tables as they were before NF4 came.
+
 Parts (--parts, comma-separated):
-  bytes     the stored base (quantize.stored_bytes), int8 against bf16: LLaMA-7B's shape counted on the meta device
-            (nothing is allocated) and by a formula written from the shapes, which must agree; stories260K and the
-            tiny base's config counted on real tensors too, which must agree with the meta count
-  scales    bf16 against fp16 scales: the round-trip error |w - q s| on stories260K's weights and on 4096 x 11008
-            random matrices, and the share of groups whose scale fp16 stores as a subnormal number
+  bytes     the stored base (quantize.stored_bytes), each format against bf16: LLaMA-7B's shape counted on the meta
+            device (nothing is allocated) and by a formula written from the shapes, which must agree; stories260K and
+            the tiny base's config counted on real tensors too, which must agree with the meta count
+  scales    int8: bf16 against fp16 scales: the round-trip error |w - q s| on stories260K's weights and on 4096 x 11008
+            random matrices, and the share of groups whose scale fp16 stores as a subnormal number. nf4: bf16,
+            float32 (QLoRA's) and double-quantised scales (QLoRA's: 8 bits in blocks of 256): round-trip error on the
+            same weights and the bytes of LLaMA-7B's stored base with each
   accuracy  logits and answer loss against the float32 base: the loss of GSM8K's reference solutions under the
             Alpaca prompt, teacher-forced, prompt tokens and padding excluded (what train.py's answer_loss computes),
-            on stories260K and on the built-in tiny base (built into --tiny_base_dir unless it is there already)
-  train     --train_steps MoELoRA steps on stories260K, float32 base and int8 base, the same batches and seed
+            on stories260K and on the built-in tiny base (built into --tiny_base_dir unless it is there already),
+            and on --extra_base when given
+  train     --train_steps MoELoRA steps on stories260K, float32 base and each format's base, the same batches and seed
   speed     one MoELoRA training step (forward, auxiliary losses, backward, AdamW) on a --shape model with random
-            weights, each --dtype's float base against the int8 base made from it, medians of alternating rounds.
+            weights, each --dtype's float base against each format's base made from it, medians of alternating rounds.
             fp32: no autocast; bf16 / fp16: the base stored in that dtype and autocast to it (fp16 with a gradient
             scaler), adapters float32, as train.py does. Then the peak memory of each contender alone, in a fresh
             subprocess, over two steps: on CUDA torch.cuda.max_memory_allocated above the built model and in all (the
@@ -39,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root: model.py, quantize.py
 import quantize
@@ -49,7 +56,8 @@ from data.tasks import find_data_dir, load_split
 from checkpoints import from_pretrained
 from model import ModelArgs, Transformer, ffn_hidden_dim
 from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable, moelora_aux_losses
-from quantize import quantize_int8, quantize_weight, dequantize_weight, stored_bytes
+from quantize import (dequantize_nf4_weight, dequantize_weight, nf4_levels, quantize_int8, quantize_nf4,
+                      quantize_nf4_weight, quantize_weight, stored_bytes)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_dir
 from tokenizer import Tokenizer
 
@@ -62,12 +70,14 @@ SHAPES = {  # the speed part's model and batch
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("bytes", "scales", "accuracy", "train", "speed")
+FORMATS = {"int8": quantize_int8, "nf4": quantize_nf4}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--parts", default=",".join(PARTS), help="among " + ", ".join(PARTS))
+    a("--formats", default=",".join(FORMATS), help="the quantised bases, among " + ", ".join(FORMATS))
     a("--device", default="cpu")
     a("--dtype", default="fp32,bf16", help="the speed part's float bases, comma-separated among fp32, bf16, fp16")
     a("--shape", default="small", choices=list(SHAPES), help="the speed part's model")
@@ -77,6 +87,8 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=1, help="rounds run first and not timed")
     a("--no_memory", action="store_true", help="skip the speed part's memory subprocesses")
     a("--eval_examples", type=int, default=64, help="GSM8K test examples of the accuracy part")
+    a("--extra_base", default=None, help="a further checkpoint for the accuracy part, any format checkpoints.py reads "
+      "(e.g. ../shared's SmolLM2-135M GGUF file; 4 examples a batch: a large vocabulary's logits are large)")
     a("--train_steps", type=int, default=30)
     a("--tiny_base_dir", default=os.path.join(tempfile.gettempdir(), "moelora_bench_quantize"),
       help="where the accuracy part builds (or finds) the built-in tiny base")
@@ -84,8 +96,8 @@ def parse_args(argv=None):
     a("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a("--child", default=None, help=argparse.SUPPRESS)  # internal: one speed contender's memory, printed as JSON
     args = p.parse_args(argv)
-    args.parts, args.dtypes = args.parts.split(","), args.dtype.split(",")
-    for name, given, known in (("part", args.parts, PARTS), ("dtype", args.dtypes, DTYPES)):
+    args.parts, args.dtypes, args.formats = args.parts.split(","), args.dtype.split(","), args.formats.split(",")
+    for name, given, known in (("part", args.parts, PARTS), ("dtype", args.dtypes, DTYPES), ("format", args.formats, FORMATS)):
         if set(given) - set(known):
             p.error(f"unknown {name} {sorted(set(given) - set(known))}; choose among {', '.join(known)}")
     return args
@@ -98,36 +110,57 @@ def gb(n_bytes):
 # -----------------------------------------------------------------------------------------------------
 # bytes
 
-def formula_bytes(a: ModelArgs, int8: bool, group: int = 64) -> int:
-    """The stored base from its shapes alone: bf16 everywhere, or int8 linears + a bf16 scale per group of inputs."""
+def linear_shapes(a: ModelArgs) -> list:
+    """(out, in) of every linear layer quantize_int8 and quantize_nf4 replace."""
     d, h, L = a.dim, ffn_hidden_dim(a), a.n_layers
     kv = (a.n_kv_heads or a.n_heads) * (d // a.n_heads)
     linears = L * [(d, d), (kv, d), (kv, d), (d, d), (h, d), (d, h), (h, d)]  # (out, in): wq wk wv wo w1 w2 w3
-    linears += [] if a.tie_word_embeddings else [(a.vocab_size, d)]  # output, unless it is the embedding
-    per_linear = (lambda o, i: o * math.ceil(i / group) * (group + 2)) if int8 else (lambda o, i: 2 * o * i)
-    return sum(per_linear(o, i) for o, i in linears) + 2 * (a.vocab_size * d + (2 * L + 1) * d)
+    return linears + ([] if a.tie_word_embeddings else [(a.vocab_size, d)])  # output, unless it is the embedding
 
 
-def base_bytes(a: ModelArgs, device) -> tuple:
-    """(bf16 bytes, int8 bytes) of Transformer(a), counted by stored_bytes on `device`."""
-    with torch.device(device):
-        model = Transformer(a).to(torch.bfloat16)
-    bf16 = stored_bytes(model)
-    return bf16, stored_bytes(quantize_int8(model))
+def nf4_double_quant_bytes(n_scales: int) -> int:
+    """Bytes of n_scales NF4 scales double-quantised as QLoRA does: 1 byte each, one float32 scale per block of 256,
+    and the float32 mean that was subtracted."""
+    return n_scales + 4 * math.ceil(n_scales / 256) + 4
+
+
+def formula_bytes(a: ModelArgs, fmt, block: int = 64) -> int:
+    """The stored base from its shapes alone: bf16 everywhere (fmt None), or int8 linears + a bf16 scale per group of
+    inputs, or NF4 linears (half a byte a weight) + a bf16 scale per block ("nf4"), or with its scales double-quantised
+    ("nf4 dq"), or float32 ("nf4 fp32 scales")."""
+    per_linear = {
+        None: lambda o, i: 2 * o * i,
+        "int8": lambda o, i: o * math.ceil(i / block) * (block + 2),
+        "nf4": lambda o, i: o * math.ceil(i / block) * (block // 2 + 2),
+        "nf4 fp32 scales": lambda o, i: o * math.ceil(i / block) * (block // 2 + 4),
+        "nf4 dq": lambda o, i: o * math.ceil(i / block) * block // 2 + nf4_double_quant_bytes(o * math.ceil(i / block)),
+    }[fmt]
+    return sum(per_linear(o, i) for o, i in linear_shapes(a)) + 2 * (a.vocab_size * a.dim + (2 * a.n_layers + 1) * a.dim)
+
+
+def base_bytes(a: ModelArgs, device, formats) -> tuple:
+    """(bf16 bytes, [bytes of each format]) of Transformer(a), counted by stored_bytes on `device`."""
+    def bf16_model():
+        with torch.device(device):
+            return Transformer(a).to(torch.bfloat16)
+    return stored_bytes(bf16_model()), [stored_bytes(FORMATS[f](bf16_model())) for f in formats]
 
 
 def part_bytes(args):
-    print("\n## bytes of the stored base: int8 (group 64, bf16 scales; embeddings and norms bf16) against bf16\n")
+    print("\n## bytes of the stored base: " + ", ".join(args.formats) + " (blocks of 64, bf16 scales; embeddings and "
+          "norms bf16) against bf16\n")
     models = {"LLaMA-7B (model.py's ModelArgs())": ModelArgs(), "built-in tiny base (tiny_base.TINY_MODEL)": TINY_MODEL}
     if STORIES.exists():
         models["stories260K"] = from_pretrained(STORIES).args
-    print("| base | bf16 bytes | int8 bytes | int8 / bf16 | meta count = formula | = count on real tensors |")
-    print("| --- | ---: | ---: | ---: | --- | --- |")
+    cols = [c for f in args.formats for c in (f"{f} bytes", f"{f} / bf16")]
+    print("| base | bf16 bytes | " + " | ".join(cols) + " | meta count = formula | = count on real tensors |")
+    print("| --- | ---: |" + " ---: |" * len(cols) + " --- | --- |")
     for name, a in models.items():
-        bf16, int8 = base_bytes(a, "meta")
-        formula = (formula_bytes(a, False), formula_bytes(a, True)) == (bf16, int8)
-        real = "-" if a.dim > 1024 else str(base_bytes(a, "cpu") == (bf16, int8))  # 7B: not allocated here
-        print(f"| {name} | {bf16:,} | {int8:,} | {int8 / bf16:.3f}x | {formula} | {real} |")
+        bf16, quantized = base_bytes(a, "meta", args.formats)
+        formula = [formula_bytes(a, None)] + [formula_bytes(a, f) for f in args.formats] == [bf16] + quantized
+        real = "-" if a.dim > 1024 else str(base_bytes(a, "cpu", args.formats) == (bf16, quantized))  # 7B: not allocated
+        row = [f"{n:,} | {n / bf16:.3f}x" for n in quantized]
+        print(f"| {name} | {bf16:,} | " + " | ".join(row) + f" | {formula} | {real} |")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -151,14 +184,71 @@ def round_trip_errors(weights, scale_dtype):
         quantize.SCALE_DTYPE = before
 
 
+def nf4_with_scales(w, scales, block: int = 64):
+    """w [out, in] (in a multiple of block) quantised to NF4 against given scales [out, n_blocks] float32: each weight
+    to its nearest level of w / s, the search of quantize_nf4_weight. Returns the dequantised weight, float32."""
+    levels = nf4_levels(w.device, torch.float32)
+    blocks = w.view(w.shape[0], -1, block) / scales.unsqueeze(-1)
+    c = torch.bucketize(blocks, (levels[1:] + levels[:-1]) / 2)
+    return (levels[c] * scales.unsqueeze(-1)).view(w.shape)
+
+
+def double_quantized(scales, block: int = 256):
+    """QLoRA's double quantisation of a tensor's absmax scales, as an int8 round trip: the mean subtracted, then 8
+    bits (round(c / a), a = max|c| / 127) per block of 256, the mean added back. (QLoRA stores the 8 bits as an
+    8-bit float; linear int8 is what quantize.py's int8 path does.)"""
+    flat = scales.flatten()
+    mean = flat.mean()
+    c = F.pad(flat - mean, (0, -len(flat) % block)).view(-1, block)
+    a = c.abs().amax(dim=-1, keepdim=True) / 127
+    a = torch.where(a > 0, a, 1.0)
+    return ((c / a).round().clamp(-127, 127) * a).flatten()[:len(flat)].view(scales.shape) + mean
+
+
+def nf4_round_trip_errors(weights):
+    """{scale storage: mean |w - L[c] s|} over weights, made in float32: the scales stored in bf16 (quantize.py),
+    float32 (QLoRA without double quantisation) or double-quantised (QLoRA)."""
+    err, n = {"bf16": 0.0, "float32": 0.0, "double-quantised": 0.0}, 0
+    for w in weights:
+        w = F.pad(w.float(), (0, -w.shape[1] % 64))  # the padding, as quantize_nf4_weight's: zero error
+        codes, s = quantize_nf4_weight(w)
+        err["bf16"] += (dequantize_nf4_weight(codes, s, torch.float32, w.shape[1]) - w).abs().sum().item()
+        amax = w.view(w.shape[0], -1, 64).abs().amax(dim=-1)
+        amax = torch.where(amax > 0, amax, 1.0)
+        err["float32"] += (nf4_with_scales(w, amax) - w).abs().sum().item()
+        err["double-quantised"] += (nf4_with_scales(w, double_quantized(amax)) - w).abs().sum().item()
+        n += w.numel()
+    return {k: e / n for k, e in err.items()}
+
+
 def part_scales(args):
-    print("\n## scales stored in bf16 or fp16: mean |w - q s|, q s made in float32 (CPU), bf16 or fp16 (autocast)\n")
     g = torch.Generator().manual_seed(0)
     sets = {f"random 4096 x 11008, std {std}": [torch.randn(4096, 11008, generator=g) * std] for std in (0.02, 0.001)}
     if STORIES.exists():
         model = from_pretrained(STORIES)
         sets = {"stories260K, every linear": [m.weight.detach() for m in model.modules() if type(m) is torch.nn.Linear],
                 **sets}
+    if "nf4" in args.formats:
+        part_scales_nf4(sets)
+    if "int8" in args.formats:
+        part_scales_int8(sets)
+
+
+def part_scales_nf4(sets):
+    print("\n## nf4: the scales stored in bf16, float32 or double-quantised: LLaMA-7B's stored base and mean "
+          "|w - L[c] s| (made in float32)\n")
+    seven_b = ModelArgs()
+    bf16 = formula_bytes(seven_b, None)
+    print("| scales | LLaMA-7B base bytes | / bf16 | " + " | ".join(sets) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(sets) + "")
+    errors = {name: nf4_round_trip_errors(ws) for name, ws in sets.items()}
+    for scales, fmt in (("bf16", "nf4"), ("float32", "nf4 fp32 scales"), ("double-quantised", "nf4 dq")):
+        n = formula_bytes(seven_b, fmt)
+        print(f"| {scales} | {n:,} | {n / bf16:.4f}x | " + " | ".join(f"{errors[s][scales]:.4e}" for s in sets) + " |")
+
+
+def part_scales_int8(sets):
+    print("\n## int8: scales stored in bf16 or fp16: mean |w - q s|, q s made in float32 (CPU), bf16 or fp16 (autocast)\n")
     print("| weights | scales | made in float32 | bf16 | fp16 | groups whose scale is subnormal in fp16 |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, weights in sets.items():
@@ -181,21 +271,22 @@ def collate(pairs, pad_id):
 
 
 @torch.no_grad()
-def compare(path, examples, batch=16):
-    """Float32 base against its int8 copy on (prompt, reference solution) pairs: logit differences over the real
-    tokens, and each model's answer loss (cross-entropy of the solution's tokens, summed, / their number)."""
+def compare(path, examples, fmt, batch=16):
+    """Float32 base against its quantised copy (fmt: int8 or nf4) on (prompt, reference solution) pairs: logit
+    differences over the real tokens, and each model's answer loss (cross-entropy of the solution's tokens, summed, /
+    their number)."""
     tok = Tokenizer.from_dir(path)
     ref = from_pretrained(path)
-    q = quantize_int8(from_pretrained(path))
+    q = FORMATS[fmt](from_pretrained(path))
     pairs, _, _ = tokenize_dataset(tok, examples, ref.args.max_seq_len)
-    diffs, logits_all, loss, n_targets = [], [], {"float32": 0.0, "int8": 0.0}, 0
+    diffs, logits_all, loss, n_targets = [], [], {"float32": 0.0, "quantized": 0.0}, 0
     for i in range(0, len(pairs), batch):
         x, y = collate(pairs[i:i + batch], tok.pad_id)
         real = torch.zeros_like(x, dtype=torch.bool)
         for b, (t, _) in enumerate(pairs[i:i + batch]):
             real[b, :len(t)] = True
         n = int((y != IGNORE_INDEX).sum())
-        for name, model in (("float32", ref), ("int8", q)):
+        for name, model in (("float32", ref), ("quantized", q)):
             logits, l = model(x, y)
             loss[name] += l.item() * n
             if name == "float32":
@@ -206,7 +297,7 @@ def compare(path, examples, batch=16):
         n_targets += n
     d, ref_logits = torch.cat(diffs), torch.cat(logits_all)
     return dict(max=d.max().item(), mean=d.mean().item(), std=ref_logits.std().item(), tokens=sum(len(t) for t, _ in pairs),
-                loss_float=loss["float32"] / n_targets, loss_int8=loss["int8"] / n_targets, targets=n_targets)
+                loss_float=loss["float32"] / n_targets, loss_q=loss["quantized"] / n_targets, targets=n_targets)
 
 
 def the_tiny_base(args, data_dir) -> Path:
@@ -231,18 +322,24 @@ def part_accuracy(args):
     if STORIES.exists():
         bases["stories260K"] = STORIES
     bases[f"built-in tiny base ({args.pretrain_steps} pretraining steps)"] = the_tiny_base(args, data_dir)
-    print(f"\n## int8 base against float32: the first {len(examples)} GSM8K test questions with their reference "
-          "solutions, Alpaca prompt\n")
-    print("| base | tokens | max abs logit diff | mean abs | logits' std | mean / std | answer loss float32 | int8 | change |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if args.extra_base:
+        bases[Path(args.extra_base).name] = Path(args.extra_base)
+    print(f"\n## {', '.join(args.formats)} base against float32: the first {len(examples)} GSM8K test questions with "
+          "their reference solutions, Alpaca prompt\n")
+    print("| base | format | tokens | max abs logit diff | mean abs | logits' std | mean / std | answer loss float32 | "
+          "quantised | change |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, path in bases.items():
-        r = compare(path, examples)
-        print(f"| {name} | {r['tokens']:,} | {r['max']:.4f} | {r['mean']:.4f} | {r['std']:.3f} | {100 * r['mean'] / r['std']:.2f}% "
-              f"| {r['loss_float']:.4f} | {r['loss_int8']:.4f} | {r['loss_int8'] - r['loss_float']:+.4f} |")
+        for fmt in args.formats:
+            r = compare(path, examples, fmt, batch=4 if str(path) == args.extra_base else 16)
+            change = r['loss_q'] - r['loss_float']
+            print(f"| {name} | {fmt} | {r['tokens']:,} | {r['max']:.4f} | {r['mean']:.4f} | {r['std']:.3f} | "
+                  f"{100 * r['mean'] / r['std']:.2f}% | {r['loss_float']:.4f} | {r['loss_q']:.4f} | "
+                  f"{change:+.4f} ({100 * change / r['loss_float']:+.2f}%) |")
 
 
 # -----------------------------------------------------------------------------------------------------
-# train: the same MoELoRA run on the float and the int8 base
+# train: the same MoELoRA run on the float base and on each format's
 
 def part_train(args):
     data_dir = find_data_dir(os.environ.get("MOELORA_DATA_DIR"))
@@ -252,10 +349,10 @@ def part_train(args):
     random.Random(0).shuffle(order)
     batches = [collate([pairs[j] for j in order[i * 8:(i + 1) * 8]], tok.pad_id) for i in range(args.train_steps)]
     curves = {}
-    for name in ("float32", "int8"):
+    for name in ["float32"] + args.formats:
         model = from_pretrained(STORIES)
-        if name == "int8":
-            quantize_int8(model)
+        if name != "float32":
+            FORMATS[name](model)
         torch.manual_seed(0)  # the same adapters' start and dropout masks
         inject_moelora(model, MoELoRAConfig())
         mark_only_moelora_as_trainable(model)
@@ -269,36 +366,42 @@ def part_train(args):
             curves[name].append(loss.item())
     print(f"\n## MoELoRA (defaults: 8 experts, top-2, rank 4, wq and wv) on stories260K, {args.train_steps} steps of 8 "
           "GSM8K training examples (256-token cutoff), AdamW lr 3e-3, the same batches and seed; answer loss per step\n")
-    print("| step | float32 base | int8 base | difference |\n| ---: | ---: | ---: | ---: |")
-    for i, (a, b) in enumerate(zip(curves["float32"], curves["int8"]), start=1):
-        print(f"| {i} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
-    diff = [abs(b - a) for a, b in zip(curves["float32"], curves["int8"])]
+    cols = ["float32 base"] + [c for f in args.formats for c in (f"{f} base", "difference")]
+    print("| step | " + " | ".join(cols) + " |\n| ---: |" + " ---: |" * len(cols))
+    for i, a in enumerate(curves["float32"]):
+        print(f"| {i + 1} | {a:.4f} | " + " | ".join(f"{curves[f][i]:.4f} | {curves[f][i] - a:+.4f}" for f in args.formats) + " |")
     last = {name: statistics.mean(c[-10:]) for name, c in curves.items()}
-    print(f"\nmean |difference| over the {len(diff)} steps {statistics.mean(diff):.4f}, largest {max(diff):.4f}; "
-          f"mean of the last 10 steps: float32 base {last['float32']:.4f}, int8 base {last['int8']:.4f}")
+    print(f"\nfloat32 base: final loss {curves['float32'][-1]:.4f}, mean of the last 10 steps {last['float32']:.4f}")
+    for f in args.formats:
+        diff = [abs(b - a) for a, b in zip(curves["float32"], curves[f])]
+        print(f"{f} base: final loss {curves[f][-1]:.4f} ({curves[f][-1] - curves['float32'][-1]:+.4f}), mean of the last "
+              f"10 steps {last[f]:.4f} ({last[f] - last['float32']:+.4f}); mean |difference| over the {len(diff)} steps "
+              f"{statistics.mean(diff):.4f}, largest {max(diff):.4f}")
 
 
 # -----------------------------------------------------------------------------------------------------
 # speed, and on CUDA memory
 
 def contenders(args):
-    """{name: (float dtype, int8?)}: each --dtype's float base, and the int8 base made from it."""
-    return {name: (d, int8) for d in args.dtypes for name, int8 in ((f"{d} base", False), (f"int8 base, {d}", True))}
+    """{name: (float dtype, format or None)}: each --dtype's float base, and each format's base made from it."""
+    return {name: (d, fmt) for d in args.dtypes
+            for name, fmt in [(f"{d} base", None)] + [(f"{f} base, {d}", f) for f in args.formats]}
 
 
 def build_contender(name, args):
     """(model, autocast dtype) for a speed contender: a --shape LLaMA with random weights, seeded (the float base
-    and the int8 base get the same weights), stored in the dtype, quantised for the int8 contender, MoELoRA injected."""
+    and the quantised bases get the same weights), stored in the dtype, quantised for a format's contender, MoELoRA
+    injected."""
     s = SHAPES[args.shape]
-    dtype_name, int8 = contenders(args)[name]
+    dtype_name, fmt = contenders(args)[name]
     dtype = DTYPES[dtype_name]
     margs = ModelArgs(dim=s["dim"], n_layers=args.n_layers or s["n_layers"], n_heads=s["n_heads"],
                       vocab_size=s["vocab_size"], max_seq_len=s["seq"])
     torch.manual_seed(0)
     with torch.device(args.device):  # made where it runs: a 7B model's random init takes minutes on a CPU
         model = Transformer(margs).to(dtype)
-    if int8:
-        quantize_int8(model)
+    if fmt:
+        FORMATS[fmt](model)
     torch.manual_seed(1)
     inject_moelora(model, MoELoRAConfig())
     mark_only_moelora_as_trainable(model)
@@ -368,7 +471,7 @@ def part_speed(args):
     names = list(contenders(args))
     models = {name: build_contender(name, args) for name in names}
     steps = {name: make_train_step(m, dtype, args) for name, (m, dtype) in models.items()}
-    # what autograd keeps for the backward after one forward, the weights excluded: the int8 base must keep no more
+    # what autograd keeps for the backward after one forward, the weights excluded: a quantised base must keep no more
     saved = {name: saved_for_backward_bytes(models[name][0], lambda m, t, f=f: f(), None) / 2**20
              for name, (_, f) in steps.items()} if not args.grad_checkpointing else {}
     steps = {name: step for name, (step, _) in steps.items()}

@@ -13,6 +13,8 @@
 #   5c. the int8 base (quantize.py) at LLaMA-7B's shape, bf16, checkpointing: peak memory (goal <= 12 GB, so that
 #       7B + MoELoRA trains on a 16 GB GPU) and step time against the bf16 base
 #   5d. the same with fp16 and its gradient scaler
+#   5e. the NF4 base (quantize.py's quantize_nf4) at LLaMA-7B's shape, bf16, checkpointing: peak memory and step
+#       time against the bf16 base (the CPU figures are in benchmarks/README.md; the GPU's are for this part)
 #   6. the loss alone: peak memory with fp32 and bf16 logits at LLaMA-7B's micro-batch
 #   7. train.py with --compile and --grad_checkpointing on stories260K
 #   8. --compile at LLaMA-7B's width (4 layers: compiling 32 takes longer than a short lease)
@@ -66,8 +68,12 @@ part "5. the same, gradient checkpointing" 120 python benchmarks/bench_vs_hf.py 
 part "5b. LoRA against PEFT in float32, 7B width, 4 layers" 90 python benchmarks/bench_vs_hf.py --device cuda \
   --dtype fp32 --shape 7b --n_layers 4 --parts train --rounds 3 --methods lora --no_memory
 INT8=(--device cuda --shape 7b --grad_checkpointing --parts speed --rounds 5)
-part "5c. int8 base at LLaMA-7B's shape, bf16, checkpointing" 150 python benchmarks/bench_quantize.py "${INT8[@]}" --dtype bf16
-part "5d. int8 base at LLaMA-7B's shape, fp16, checkpointing" 120 python benchmarks/bench_quantize.py "${INT8[@]}" --dtype fp16
+part "5c. int8 base at LLaMA-7B's shape, bf16, checkpointing" 150 python benchmarks/bench_quantize.py "${INT8[@]}" --dtype bf16 \
+  --formats int8
+part "5d. int8 base at LLaMA-7B's shape, fp16, checkpointing" 120 python benchmarks/bench_quantize.py "${INT8[@]}" --dtype fp16 \
+  --formats int8
+part "5e. NF4 base at LLaMA-7B's shape, bf16, checkpointing" 150 python benchmarks/bench_quantize.py "${INT8[@]}" --dtype bf16 \
+  --formats nf4
 part "6. the loss alone at LLaMA-7B's micro-batch" 60 python benchmarks/bench_cross_entropy.py --device cuda --rounds 3
 part "7. train.py --compile --grad_checkpointing" 120 python train.py --task gsm8k "${STORIES[@]}" --dtype bf16 \
   --max_steps 20 --eval_limit 50 --compile --grad_checkpointing --out_dir "$OUT/stories_compile"
