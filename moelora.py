@@ -581,7 +581,7 @@ def merge_moelora(model):
         what = name or "the layer"
         if layer.base_layer is not None:
             raise ValueError(f"cannot merge {what}: its base is quantised ({type(layer.base_layer).__name__})"
-                             " and rounding the sum to int8 would lose the adapter; load the unquantised "
+                             " and rounding the sum back to it would lose the adapter; load the unquantised "
                              "base, load_moelora the adapter onto it, then merge_moelora")
         if layer.config.num_experts != 1:
             raise ValueError(f"cannot merge {what}: with {layer.config.num_experts} experts the gates "

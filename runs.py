@@ -42,7 +42,7 @@ from checkpoints import from_pretrained
 from data.prompts import PROMPT_FORMATS
 from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict,
                      mark_only_moelora_as_trainable, moelora_state_dict, save_moelora)
-from quantize import quantize_int8
+from quantize import quantize_int8, quantize_nf4
 from tokenizer import Tokenizer
 
 
@@ -401,17 +401,17 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
     """(the base model, its tokenizer) from a checkpoint (checkpoints.py reads Meta, HF, llama2.c and GGUF), its weights in
-    dtype on device; --quantize int8: quantised on the CPU first (7B in bf16 would not fit a 16 GB GPU first). Every
+    dtype on device; --quantize int8 or nf4: quantised on the CPU first (7B in bf16 would not fit a 16 GB GPU first). Every
     base is read here."""
     try:
-        model = from_pretrained(path, dtype=dtype, device="cpu" if quantize == "int8" else device)
+        model = from_pretrained(path, dtype=dtype, device="cpu" if quantize != "none" else device)
         tok = Tokenizer.from_dir(path)
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
         raise SystemExit(f"error: cannot load --model {path}: {e}")
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"error: {path}: the tokenizer has {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
-    if quantize == "int8":
-        quantize_int8(model)
+    if quantize != "none":
+        {"int8": quantize_int8, "nf4": quantize_nf4}[quantize](model)
         model.to(device)
     return model, tok
 

@@ -118,6 +118,8 @@ def load_model(args, precision):
     if saved.settings.get("quantize") == "int8":  # as train.py: the base is quantised before the adapters go in
         group = next(m.group_size for m in model.modules() if isinstance(m, Int8Linear))
         described = f"int8 base (a scale per {group} weights), computing in {str(precision.amp_dtype).removeprefix('torch.')}"
+    elif saved.settings.get("quantize") == "nf4":
+        described = f"NF4 base (4 bits, a scale per 64 weights), computing in {str(precision.amp_dtype).removeprefix('torch.')}"
     print(f"{saved.base} + {saved.weights or 'no adapter'} ({saved.settings['method']}, step {saved.step}), "
           f"{precision.device}, {described}", file=sys.stderr)
     return model, tok

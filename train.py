@@ -139,7 +139,8 @@ def argument_parser():
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this, 0 = off (default %(default)s)")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype; auto = bf16 on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU unless bf16/fp16 is asked for (default %(default)s)")
     a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
-    a("--quantize", default="none", choices=["none", "int8"], help="store the frozen base as int8, a scale per 64 weights (quantize.py): LLaMA-7B in 7.1 GB, not 13.5 (default %(default)s)")
+    a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base as int8 (a scale per 64 weights: LLaMA-7B in 7.1 GB, "
+      "not 13.5) or as 4-bit NormalFloat (QLoRA's NF4, blocks of 64: 3.8 GB) (quantize.py; default %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
     a("--prompt_format", default="alpaca", choices=list(PROMPT_FORMATS), help="how a question is put to the model, in "
@@ -362,7 +363,7 @@ def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> t
     model.grad_checkpointing = args.grad_checkpointing
     n = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(("lora_A", "lora_B", "router.weight")))
     run.log(f"base model: {path} ({n / 1e6:.1f}M parameters, {run.precision.weights_dtype(args.method == 'full')}"
-            f"{', int8 linear layers' * (args.quantize == 'int8')}, {run.device}, autocast {run.amp_dtype})")
+            f"{f', {args.quantize} linear layers' * (args.quantize != 'none')}, {run.device}, autocast {run.amp_dtype})")
     if step is not None:
         run.log(f"evaluating {saved.weights} (step {step})")
     return model, tok, base, step

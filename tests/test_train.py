@@ -160,6 +160,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_nf4_base_trains_and_its_run_is_graded_and_asked_again(tmp_path, capsys):
+    from quantize import NF4Linear
+    train.main(small_run(tmp_path, "--quantize", "nf4", "--max_steps", "2", "--eval_limit", "1", "--max_new_tokens", "2"))
+    assert "nf4 linear layers" in capsys.readouterr().out
+    model, _, saved = runs.load_run(tmp_path)  # as --eval_only and sample.py open it: quantised again, adapter loaded
+    assert saved.settings["quantize"] == "nf4" and isinstance(model.layers[0].attention.wq.base_layer, NF4Linear)
+    with pytest.raises(SystemExit, match="--quantize nf4 freezes the base"):
+        train.parse_args(small_run(tmp_path / "full", "--quantize", "nf4", "--method", "full"))
+
+
 def test_int8_base_trains_and_resumes_exactly(tmp_path, capsys):
     # --quantize int8: every linear layer of the base int8 (but an output tied to the embeddings),
     # the adapters train on it, and a run stopped and resumed re-quantises the same bits and ends where one run ends
