@@ -28,7 +28,7 @@ bytes (4.25 bits a weight), against bf16's 128. The levels are not evenly spaced
 distribution, so that normally distributed weights use the 16 codes about equally often (see NF4_LEVELS).
 
 The forward dequantises one layer's weight at a time, in the input's dtype (bf16 under a GPU's autocast, float32 on
-the CPU), and the backward dequantises it again instead of keeping it: see Int8Matmul and NF4Matmul. No weight
+the CPU), and the backward dequantises it again instead of keeping it: see DequantizedMatmul. No weight
 gradient exists.
 """
 import functools
@@ -70,24 +70,25 @@ def dequantize_weight(q, scales, dtype, in_features: int):
     return w.view(out_features, -1)[:, :in_features]
 
 
-class Int8Matmul(torch.autograd.Function):
-    """y = x W^T with W = dequantize(q, scales), keeping only q and scales for the backward.
+class DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W = dequantize(q, scales, dtype, in_features), keeping only q and scales for the backward;
+    dequantize is dequantize_weight (int8) or dequantize_nf4_weight.
 
     With F.linear(x, dequantize(...)) autograd would keep every layer's dequantised weight until the backward (2 bytes
     per weight in bf16: more than the int8 base itself) and the saving would be gone in training. Here the backward
     dequantises again, one layer at a time. The base is frozen: only the input gets a gradient, so x is not kept."""
 
     @staticmethod
-    def forward(ctx, x, q, scales, in_features: int):
-        ctx.save_for_backward(q, scales)  # the layer's own int8 weight and scales: no new memory
-        ctx.in_features = in_features
-        return F.linear(x, dequantize_weight(q, scales, x.dtype, in_features))
+    def forward(ctx, x, q, scales, in_features: int, dequantize):
+        ctx.save_for_backward(q, scales)  # the layer's own stored weight and scales: no new memory
+        ctx.in_features, ctx.dequantize = in_features, dequantize
+        return F.linear(x, dequantize(q, scales, x.dtype, in_features))
 
     @staticmethod
     def backward(ctx, grad_y):
         q, scales = ctx.saved_tensors
-        grad_x = grad_y @ dequantize_weight(q, scales, grad_y.dtype, ctx.in_features)  # [.., out] @ [out, in]
-        return grad_x, None, None, None
+        grad_x = grad_y @ ctx.dequantize(q, scales, grad_y.dtype, ctx.in_features)  # [.., out] @ [out, in]
+        return grad_x, None, None, None, None
 
 
 class Int8Linear(nn.Module):
@@ -125,7 +126,7 @@ class Int8Linear(nn.Module):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        y = Int8Matmul.apply(x, self.weight, self.scales, self.in_features)
+        y = DequantizedMatmul.apply(x, self.weight, self.scales, self.in_features, dequantize_weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized(self, dtype=torch.float32):
@@ -208,23 +209,6 @@ def dequantize_nf4_weight(codes, scales, dtype, in_features: int):
     return (w * scales.to(dtype).unsqueeze(-1)).view(out_features, -1)[:, :in_features]
 
 
-class NF4Matmul(torch.autograd.Function):
-    """y = x W^T with W = dequantize_nf4_weight(codes, scales), keeping only the codes and scales for the backward,
-    as Int8Matmul does (and for the same reason)."""
-
-    @staticmethod
-    def forward(ctx, x, codes, scales, in_features: int):
-        ctx.save_for_backward(codes, scales)  # the layer's own packed codes and scales: no new memory
-        ctx.in_features = in_features
-        return F.linear(x, dequantize_nf4_weight(codes, scales, x.dtype, in_features))
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        codes, scales = ctx.saved_tensors
-        grad_x = grad_y @ dequantize_nf4_weight(codes, scales, grad_y.dtype, ctx.in_features)  # [.., out] @ [out, in]
-        return grad_x, None, None, None
-
-
 class NF4Linear(nn.Module):
     """A frozen nn.Linear stored as NF4 codes with blockwise absmax scales; y = x dequantize(weight, scales)^T + bias.
 
@@ -257,7 +241,7 @@ class NF4Linear(nn.Module):
         device_type = x.device.type  # autocast as in Int8Linear.forward
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        y = NF4Matmul.apply(x, self.weight, self.scales, self.in_features)
+        y = DequantizedMatmul.apply(x, self.weight, self.scales, self.in_features, dequantize_nf4_weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized(self, dtype=torch.float32):

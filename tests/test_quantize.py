@@ -96,13 +96,15 @@ def test_backward_keeps_the_int8_weight_and_scales_not_a_float_copy():
     assert [t for t in saved if t.is_floating_point() and t.numel() >= 96 * 128]
 
 
-def test_autocast_bf16_dequantises_in_bf16(monkeypatch):
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_autocast_bf16_dequantises_in_bf16(monkeypatch, fmt):
     # in bf16, not in float32 and then cast by F.linear: that would make a float32 copy of the weight (twice bf16's)
-    layer = Int8Linear.from_linear(nn.Linear(64, 32))
+    cls, name = {"int8": (Int8Linear, "dequantize_weight"), "nf4": (NF4Linear, "dequantize_nf4_weight")}[fmt]
+    layer = cls.from_linear(nn.Linear(64, 32))
     x = torch.randn(2, 64, requires_grad=True)
     expected = F.linear(x.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias.bfloat16())
-    dtypes = []
-    monkeypatch.setattr(quantize, "dequantize_weight", lambda *a: dtypes.append(a[2]) or dequantize_weight(*a))
+    dtypes, dequantize = [], getattr(quantize, name)
+    monkeypatch.setattr(quantize, name, lambda *a: dtypes.append(a[2]) or dequantize(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16 and dtypes == [torch.bfloat16]
@@ -384,20 +386,6 @@ def test_nf4_backward_keeps_the_packed_codes_and_scales_not_a_float_copy():
     # the check would catch the plain way, which keeps the dequantised float weight for every layer
     saved, _ = saved_for_backward(lambda: F.linear(x, layer.dequantized()))
     assert [t for t in saved if t.is_floating_point() and t.numel() >= 96 * 128]
-
-
-def test_nf4_autocast_bf16_dequantises_in_bf16(monkeypatch):
-    layer = NF4Linear.from_linear(nn.Linear(64, 32))
-    x = torch.randn(2, 64, requires_grad=True)
-    expected = F.linear(x.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias.bfloat16())
-    dtypes = []
-    monkeypatch.setattr(quantize, "dequantize_nf4_weight", lambda *a: dtypes.append(a[2]) or dequantize_nf4_weight(*a))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16 and dtypes == [torch.bfloat16]
-    torch.testing.assert_close(y, expected)
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() and dtypes == [torch.bfloat16] * 2
 
 
 def test_stories260k_nf4_logits_stay_close():
