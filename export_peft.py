@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import HF_NAMES
+import runs
 from moelora import SAFETENSORS_DTYPES, MoELoRAConfig, read_moelora_file
 
 # our layer's path below the block -> HF's: "attention.wq" -> "self_attn.q_proj", ...
@@ -44,18 +45,12 @@ def parse_args(argv=None):
 
 
 def read_checkpoint(out_dir: Path) -> dict:
+    """The run's ckpt.pt, read as every run is (runs.read_checkpoint), or one line naming what to do."""
     path = out_dir / "ckpt.pt"
     if not path.is_file():
         raise SystemExit(f"error: no run in {out_dir} (no ckpt.pt): train one with python train.py --method lora "
                          f"--out_dir {out_dir}, or point --out_dir at one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
-    except Exception as e:  # a truncated copy, or another file under the name: torch's first line says what failed
-        raise SystemExit(f"error: cannot read {path} ({(str(e).strip() or type(e).__name__).splitlines()[0]}): it is "
-                         "damaged, or not a checkpoint train.py wrote")
-    if not isinstance(ckpt, dict) or not {"config", "step", "weights", "base"} <= ckpt.keys():
-        raise SystemExit(f"error: {path} is not a checkpoint train.py wrote (it has no run config, step and weights)")
-    return ckpt
+    return runs.read_checkpoint(path)
 
 
 def read_adapter(ckpt: dict, out_dir: Path):

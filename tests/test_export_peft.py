@@ -109,7 +109,7 @@ def test_bad_destinations_no_run_and_a_damaged_one(lora_run, tmp_path):
     assert not (tmp_path / "empty").exists()
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "ckpt.pt").write_bytes(b"")  # a copy that failed
-    assert "cannot read" in refusal(tmp_path / "damaged")
+    assert "ckpt.pt is empty: the run did not save it, or a copy of it failed" in refusal(tmp_path / "damaged")
 
 
 def test_a_mixture_is_refused_in_one_line_naming_why(tmp_path):
