@@ -98,18 +98,12 @@ def open_checkpoint(path: Path):
         return load_meta_checkpoint(path)
     if path.is_dir() and (path / "config.json").exists():
         return load_hf_checkpoint(path)
-    if path.is_file() and path.suffix == ".bin":
-        return load_llama2c_checkpoint(path)
-    if path.is_dir():
-        bins = sorted(path.glob("*.bin"))
-        if len(bins) == 1:
-            return load_llama2c_checkpoint(bins[0])
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf_checkpoint(path)
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return load_gguf_checkpoint(ggufs[0])
+    for suffix, load in ((".bin", load_llama2c_checkpoint), (".gguf", load_gguf_checkpoint)):
+        if path.is_file() and path.suffix == suffix:
+            return load(path)
+        found = sorted(path.glob("*" + suffix)) if path.is_dir() else []
+        if len(found) == 1:  # a directory holding one such file
+            return load(found[0])
     raise ValueError(f"{path}: not a checkpoint this loader knows. Expected a directory with params.json + "
                      "consolidated.NN.pth (Meta), a directory with config.json + model.safetensors or "
                      "pytorch_model.bin (Hugging Face), a llama2.c .bin file, or a llama.cpp .gguf file")

@@ -91,6 +91,16 @@ class DequantizedMatmul(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def quantized_linear(x, layer, dequantize):
+    """y = x W^T + b for an Int8Linear or NF4Linear `layer`, W dequantised by `dequantize` (DequantizedMatmul). The
+    matmul runs in autocast's dtype where autocast is on (bf16 or fp16 on a GPU), else in the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    y = DequantizedMatmul.apply(x, layer.weight, layer.scales, layer.in_features, dequantize)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
 class Int8Linear(nn.Module):
     """A frozen nn.Linear stored as int8 with group-wise scales; y = x dequantize(weight, scales)^T + bias.
 
@@ -122,12 +132,7 @@ class Int8Linear(nn.Module):
         return layer
 
     def forward(self, x):
-        # the matmul runs in autocast's dtype where autocast is on (bf16 or fp16 on a GPU), else in the input's
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        y = DequantizedMatmul.apply(x, self.weight, self.scales, self.in_features, dequantize_weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return quantized_linear(x, self, dequantize_weight)
 
     def dequantized(self, dtype=torch.float32):
         """The weight this layer computes with, [out, in]: for checks and for merging by hand."""
@@ -238,11 +243,7 @@ class NF4Linear(nn.Module):
         return layer
 
     def forward(self, x):
-        device_type = x.device.type  # autocast as in Int8Linear.forward
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        y = DequantizedMatmul.apply(x, self.weight, self.scales, self.in_features, dequantize_nf4_weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return quantized_linear(x, self, dequantize_nf4_weight)
 
     def dequantized(self, dtype=torch.float32):
         """The weight this layer computes with, [out, in]: for checks and for merging by hand."""

@@ -144,17 +144,21 @@ def test_stored_bytes_counts_codes_scales_and_the_rest_on_meta_as_on_real_tensor
         assert stored_bytes(real) == expected
 
 
-def test_stories260k_quantised_logits_stay_close():
+def stories260k_before_and_after(quantize_fn):
+    """stories260K, its tokenizer, the prompt, and (logits, loss) on a story it wrote, before and after quantize_fn."""
     path = shared_path("models/stories260K-hf")
-    model = from_pretrained(path)
-    tok = Tokenizer.from_dir(path)
-    story = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, "
+    model, tok = from_pretrained(path), Tokenizer.from_dir(path)
     prompt = tok.encode("Once upon a time")
     text = prompt + model.generate([prompt], 150)[0]
     x, y = torch.tensor([text[:-1]]), torch.tensor([text[1:]])
-    logits, loss = model(x, y)
-    quantize_int8(model)
-    q_logits, q_loss = model(x, y)
+    before = model(x, y)
+    quantize_fn(model)
+    return model, tok, prompt, before, model(x, y)
+
+
+def test_stories260k_quantised_logits_stay_close():
+    model, tok, prompt, (logits, loss), (q_logits, q_loss) = stories260k_before_and_after(quantize_int8)
+    story = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, "
     diff = (q_logits - logits).abs()
     # measured (torch 2.13, CPU): max 0.37, mean 0.056, logits' std 7.4; loss 0.620 -> 0.622; every argmax the same
     assert diff.max() < 1.0 and diff.mean() < 0.15
@@ -389,15 +393,7 @@ def test_nf4_backward_keeps_the_packed_codes_and_scales_not_a_float_copy():
 
 
 def test_stories260k_nf4_logits_stay_close():
-    path = shared_path("models/stories260K-hf")
-    model = from_pretrained(path)
-    tok = Tokenizer.from_dir(path)
-    prompt = tok.encode("Once upon a time")
-    text = prompt + model.generate([prompt], 150)[0]
-    x, y = torch.tensor([text[:-1]]), torch.tensor([text[1:]])
-    logits, loss = model(x, y)
-    quantize_nf4(model)
-    q_logits, q_loss = model(x, y)
+    model, tok, prompt, (logits, loss), (q_logits, q_loss) = stories260k_before_and_after(quantize_nf4)
     diff = (q_logits - logits).abs()
     # measured (torch 2.13, CPU): max 6.2, mean 0.89 (12% of the logits' std 7.4; int8: 0.8%); loss 0.474 -> 0.614;
     # 84% of the argmax the same. 4 bits are coarse for a model of width 64: see benchmarks/README.md's NF4 section
