@@ -25,7 +25,6 @@ memory runs short). A safetensors file is read here by hand (the format is an 8-
 and the raw data), which keeps the package list short; moelora.py keeps its own writer and reader so that it stays
 a standalone file. Bad files give errors that name the file and the problem.
 """
-import itertools
 import json
 import math
 import mmap
@@ -59,10 +58,18 @@ def from_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> T
     expected = dict(model.state_dict(keep_vars=True))
     if args.tie_word_embeddings:
         expected.pop("output.weight")  # the same tensor as tok_embeddings.weight: loaded once
-    tensors = itertools.chain((first,), tensors)
-    del first  # held, a tensor would keep the file pages it maps resident to the end: each goes once copied
+    tensors = then_the_rest(first, tensors)
+    del first  # now only the generator holds it, until it is copied
     load_weights(expected, tensors, path)
     return model.eval()
+
+
+def then_the_rest(first, tensors):
+    """first, then tensors: a generator that lets go of first once it is copied (held, a tensor would keep the file
+    pages it maps resident to the end of the load)."""
+    yield first
+    del first
+    yield from tensors
 
 
 def load_weights(expected: dict, tensors, path, copy=torch.Tensor.copy_):

@@ -4,7 +4,7 @@ fully_shard), for a base that does not fit whole on one GPU. Each process keeps 
 rows of each tensor, in even chunks) and gathers one transformer block's whole weights at a time, in the forward
 and again in the backward; gradients are reduced and scattered so that each process keeps its shard's.
 
-    shard_model          fully_shard each block, then the root (embeddings, last norm, output layer)
+    shard_model          fully_shard each block, the embeddings and the output layer, then the root
     new_sharded_model    a new run's model: built on the meta device, then each process fills only its shard, tensor
                          by tensor from the checkpoint: no process ever holds the whole base
     whole, to_shards     whole tensors from this process's shards (every process takes part) and back: ckpt.pt and
@@ -32,14 +32,19 @@ from tokenizer import Tokenizer
 
 
 def shard_model(model: Transformer, amp_dtype: torch.dtype):
-    """FSDP2 on each block (the unit gathered whole at a time), then on the root for the rest. Under autocast the
-    weights are gathered in its dtype (half the traffic; the fp32 adapters are cast as autocast would) and the
-    gradients reduced in float32."""
+    """FSDP2 on each block (the unit gathered whole at a time), on the embeddings and on the output layer, then on
+    the root for the rest (the last norm). Under autocast the weights are gathered in its dtype (half the traffic;
+    the fp32 adapters are cast as autocast would) and the gradients reduced in float32."""
     policy = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
                                   reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    if not model.args.tie_word_embeddings:  # (tied, they share one weight: it stays in the root's unit)
+        fully_shard(model.tok_embeddings, mp_policy=policy)  # gathered only while used: 0.26 GB each at 7B
+        fully_shard(model.output, mp_policy=policy)
+    # FSDP2 keeps the root's weights gathered after its forward by default (the backward would gather them again
+    # at once); in grading there is no backward, and they would stay gathered throughout
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
     return model
 
 
