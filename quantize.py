@@ -1,12 +1,12 @@
 """
 A frozen quantised base for MoELoRA: every nn.Linear of the base stored as int8 with one scale per group of 64 weights
 along the input dimension (as llama2.c's runq.c quantises), so that LLaMA-7B's base takes 7.1 GB instead of 13.5 GB
-in bf16 and LLaMA-7B + MoELoRA trains on a 16 GB GPU; or as QLoRA's 4-bit NormalFloat (NF4), 3.8 GB. The adapters and
+in bf16 and LLaMA-7B + MoELoRA trains on a 16 GB GPU; or as QLoRA's 4-bit NormalFloat (NF4), 4.0 GB. The adapters and
 routers stay float32 and train as before. Needs only torch.
 
     model = from_pretrained(path, dtype=torch.bfloat16)   # checkpoints.py
     quantize_int8(model)                                  # wq wk wv wo w1 w2 w3 and output become Int8Linear
-                                                          # (or quantize_nf4(model): they become NF4Linear)
+                                                          # (or quantize_nf4(model): all but output become NF4Linear)
     inject_moelora(model, MoELoRAConfig())                # MoELoRALinear wraps an Int8Linear as it wraps an nn.Linear
     mark_only_moelora_as_trainable(model)
     print(stored_bytes(model) / 1e9, "GB")
@@ -26,6 +26,11 @@ NF4 (QLoRA, Dettmers et al. 2023), per block of B = 64 weights w_1 .. w_B of one
 Two codes per byte, the even column's in the high 4 bits: weight [out, in_padded / 2] uint8. 64 weights take 32 + 2
 bytes (4.25 bits a weight), against bf16's 128. The levels are not evenly spaced: each is a quantile of the normal
 distribution, so that normally distributed weights use the 16 codes about equally often (see NF4_LEVELS).
+
+quantize_nf4 leaves the output layer (the LM head) in its float dtype, as QLoRA does (transformers' bitsandbytes
+integration skips lm_head): its error lands on the logits with no layer after it. With it float, stories260K's answer
+loss is 2.25% above the float base's; with it in NF4 too (keep=()), 3.63%. At 7B the float head costs 0.19 GB (0.294x
+bf16, not 0.280x). quantize_int8 quantises it: int8 moves the loss by 0.03%.
 
 The forward dequantises one layer's weight at a time, in the input's dtype (bf16 under a GPU's autocast, float32 on
 the CPU), and the backward dequantises it again instead of keeping it: see DequantizedMatmul. No weight
@@ -159,7 +164,7 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
 # scale each, after subtracting their mean) is left out: it does not pay here. Its error is no concern (the mean
 # round-trip error moves by 0.03% or less), its bytes are: the scales are bf16 here, not QLoRA's float32, which already
 # saves 2 of QLoRA's 4 bytes per 64 weights; double quantisation would save 1 - 4/256 more. LLaMA-7B's stored base:
-# 3.98 GB with float32 scales, 3.77 GB with bf16 ones (0.280x bf16), 3.67 GB double-quantised (0.272x): 2.7% less, for
+# 4.17 GB with float32 scales, 3.97 GB with bf16 ones (0.294x bf16), 3.87 GB double-quantised (0.287x): 2.5% less, for
 # a third kind of stored tensor and a second dequantisation in every forward and backward. Measured by
 # benchmarks/bench_quantize.py --parts bytes,scales (benchmarks/README.md, "A 4-bit NF4 base").
 
@@ -266,14 +271,18 @@ def quantize_int8(model, group_size: int = 64):
     return replace_linears(model, "quantize_int8", lambda linear: Int8Linear.from_linear(linear, group_size))
 
 
-def quantize_nf4(model, block_size: int = 64):
+def quantize_nf4(model, block_size: int = 64, keep=("output",)):
     """As quantize_int8, with NF4Linear layers: every plain, untied nn.Linear of the base becomes 4-bit NF4 with one
-    scale per block of block_size inputs. Returns model."""
-    return replace_linears(model, "quantize_nf4", lambda linear: NF4Linear.from_linear(linear, block_size))
+    scale per block of block_size inputs, except the modules named in keep. Returns model.
+
+    keep: model.py's output layer by default, left in its float dtype as QLoRA leaves the LM head (see the top of this
+    file; benchmarks/README.md, "A 4-bit NF4 base", has the figures); keep=() quantises it too."""
+    return replace_linears(model, "quantize_nf4", lambda linear: NF4Linear.from_linear(linear, block_size), skip=keep)
 
 
-def replace_linears(model, caller: str, quantized):
-    """quantize_int8 and quantize_nf4: each plain, untied nn.Linear of model replaced by quantized(linear)."""
+def replace_linears(model, caller: str, quantized, skip=()):
+    """quantize_int8 and quantize_nf4: each plain, untied nn.Linear of model replaced by quantized(linear), except
+    those whose name in model.named_modules() is in skip."""
     if any(hasattr(m, "lora_A") for m in model.modules()):  # MoELoRA's layers, or another LoRA library's
         raise ValueError(f"{caller}: the model already has LoRA adapters; quantise the base first: "
                          f"{caller}(model), then inject_moelora(model, config) or load_moelora(model, path)")
@@ -284,9 +293,9 @@ def replace_linears(model, caller: str, quantized):
     uses = {}  # id(weight) -> how many modules hold it: 2 or more means tied
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and uses[id(child.weight)] == 1:
+            if type(child) is nn.Linear and uses[id(child.weight)] == 1 and f"{prefix}.{name}".lstrip(".") not in skip:
                 setattr(parent, name, quantized(child))
     return model
 

@@ -110,12 +110,12 @@ def gb(n_bytes):
 # -----------------------------------------------------------------------------------------------------
 # bytes
 
-def linear_shapes(a: ModelArgs) -> list:
-    """(out, in) of every linear layer quantize_int8 and quantize_nf4 replace."""
+def linear_shapes(a: ModelArgs, output: bool = True) -> list:
+    """(out, in) of every linear layer quantize_int8 replaces (quantize_nf4: output=False, it keeps the output one)."""
     d, h, L = a.dim, ffn_hidden_dim(a), a.n_layers
     kv = (a.n_kv_heads or a.n_heads) * (d // a.n_heads)
     linears = L * [(d, d), (kv, d), (kv, d), (d, d), (h, d), (d, h), (h, d)]  # (out, in): wq wk wv wo w1 w2 w3
-    return linears + ([] if a.tie_word_embeddings else [(a.vocab_size, d)])  # output, unless it is the embedding
+    return linears + ([(a.vocab_size, d)] if output and not a.tie_word_embeddings else [])  # output, unless tied
 
 
 def nf4_double_quant_bytes(n_scales: int) -> int:
@@ -127,7 +127,7 @@ def nf4_double_quant_bytes(n_scales: int) -> int:
 def formula_bytes(a: ModelArgs, fmt, block: int = 64) -> int:
     """The stored base from its shapes alone: bf16 everywhere (fmt None), or int8 linears + a bf16 scale per group of
     inputs, or NF4 linears (half a byte a weight) + a bf16 scale per block ("nf4"), or with its scales double-quantised
-    ("nf4 dq"), or float32 ("nf4 fp32 scales")."""
+    ("nf4 dq"), or float32 ("nf4 fp32 scales"). Every NF4 variant keeps an untied output layer in bf16."""
     per_linear = {
         None: lambda o, i: 2 * o * i,
         "int8": lambda o, i: o * math.ceil(i / block) * (block + 2),
@@ -135,7 +135,10 @@ def formula_bytes(a: ModelArgs, fmt, block: int = 64) -> int:
         "nf4 fp32 scales": lambda o, i: o * math.ceil(i / block) * (block // 2 + 4),
         "nf4 dq": lambda o, i: o * math.ceil(i / block) * block // 2 + nf4_double_quant_bytes(o * math.ceil(i / block)),
     }[fmt]
-    return sum(per_linear(o, i) for o, i in linear_shapes(a)) + 2 * (a.vocab_size * a.dim + (2 * a.n_layers + 1) * a.dim)
+    nf4 = fmt is not None and fmt.startswith("nf4")
+    kept_output = 2 * a.vocab_size * a.dim if nf4 and not a.tie_word_embeddings else 0  # quantize_nf4's float output
+    embeddings_and_norms = 2 * (a.vocab_size * a.dim + (2 * a.n_layers + 1) * a.dim)
+    return sum(per_linear(o, i) for o, i in linear_shapes(a, output=not nf4)) + kept_output + embeddings_and_norms
 
 
 def base_bytes(a: ModelArgs, device, formats) -> tuple:
