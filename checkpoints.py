@@ -25,6 +25,7 @@ memory runs short). A safetensors file is read here by hand (the format is an 8-
 and the raw data), which keeps the package list short; moelora.py keeps its own writer and reader so that it stays
 a standalone file. Bad files give errors that name the file and the problem.
 """
+import itertools
 import json
 import math
 import mmap
@@ -58,9 +59,18 @@ def from_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> T
     expected = dict(model.state_dict(keep_vars=True))
     if args.tie_word_embeddings:
         expected.pop("output.weight")  # the same tensor as tok_embeddings.weight: loaded once
-    loaded = set()
+    tensors = itertools.chain((first,), tensors)
+    del first  # held, a tensor would keep the file pages it maps resident to the end: each goes once copied
+    load_weights(expected, tensors, path)
+    return model.eval()
 
-    def load(name, tensor):
+
+def load_weights(expected: dict, tensors, path, copy=torch.Tensor.copy_):
+    """Fill every tensor of expected ({Meta-style name: parameter}) from tensors ((name, tensor) pairs, each read
+    when reached), strictly: an unknown, missing or misshapen tensor is an error that names it. copy(parameter,
+    tensor) puts a checkpoint's tensor into its parameter: fsdp.py's copies only this process's shard."""
+    loaded = set()
+    for name, tensor in tensors:
         if name not in expected:
             raise KeyError(f"{path}: unexpected tensor '{name}' for this architecture")
         param = expected[name]
@@ -68,17 +78,12 @@ def from_pretrained(path, dtype: Optional[torch.dtype] = None, device=None) -> T
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, but the config "
                              f"implies {tuple(param.shape)}: weights and params/config do not match")
         with torch.no_grad():
-            param.copy_(tensor)
+            copy(param, tensor)
         loaded.add(name)
-    load(*first)
-    del first  # held, a tensor would keep the file pages it maps resident to the end: each goes once copied
-    for name, tensor in tensors:
-        load(name, tensor)
     missing = sorted(set(expected) - loaded)
     if missing:
         raise KeyError(f"{path}: missing tensors ({len(missing)}): {', '.join(missing[:8])}"
                        + (" ..." if len(missing) > 8 else ""))
-    return model.eval()
 
 
 def read_model_args(path) -> ModelArgs:

@@ -10,7 +10,8 @@ calls it at the end of training and for --eval_only.
                       validation loss (validation_loss)
 
 Every process grades a share of the batches (my_batches); the results are gathered in the order one process would
-give them, so they do not depend on the number of processes. Rank 0 writes the files.
+give them, so they do not depend on the number of processes. Rank 0 writes the files. A sharded model (--fsdp) is
+called by every process together (fsdp.in_lockstep).
 """
 import json
 import math
@@ -25,6 +26,7 @@ from data.grading import EVAL_KINDS, answer_reader, infer_kind
 from data.mixtures import load_test_sets
 from data.prompts import IGNORE_INDEX, eval_prompt_tokens, tokenize_dataset
 from data.tasks import COMMONSENSE_TASKS, DataError
+from fsdp import in_lockstep
 
 COMMONSENSE_NEW_TOKENS = 32  # LLM-Adapters' commonsense_evaluate.py: the answer is one word
 
@@ -98,11 +100,12 @@ def answer_loss(args, run, model, tok, examples) -> float:
 def mean_target_loss(run, model, pairs, pad_id: int, batch_size: int) -> float:
     """The cross-entropy per target token of (tokens, labels) pairs, over all processes' shares of the batches."""
     parts = []
-    for b, i in my_batches(len(pairs), batch_size, run):
-        x, y, _ = collate(pairs[i:i + batch_size], pad_id, run.device)
-        with run.autocast():
-            _, loss = model(x, y)
-        parts.append((b, loss.item(), int((y != IGNORE_INDEX).sum())))
+    with in_lockstep(model, run.sharded, run.device):
+        for b, i in my_batches(len(pairs), batch_size, run):
+            x, y, _ = collate(pairs[i:i + batch_size], pad_id, run.device)
+            with run.autocast():
+                _, loss = model(x, y)
+            parts.append((b, loss.item(), int((y != IGNORE_INDEX).sum())))
     loss_sum, n_tok = 0.0, 0
     for _, loss, n in sorted(gather(run, parts)):  # summed in batch order: the same float for any world size
         loss_sum, n_tok = loss_sum + loss * n, n_tok + n
@@ -134,12 +137,13 @@ def generate_responses(args, run, model, tok, task: str, examples) -> tuple:
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     mine = my_batches(len(order), args.eval_batch_size, run)
     responses = []
-    for _, i in tqdm(mine, desc=f"eval {task}", disable=run.rank != 0, dynamic_ncols=True):
-        idx = order[i:i + args.eval_batch_size]
-        budget = min(new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
-        with run.autocast():
-            outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
-        responses += [(j, tok.decode(o)) for j, o in zip(idx, outs)]
+    with in_lockstep(model, run.sharded, run.device):
+        for _, i in tqdm(mine, desc=f"eval {task}", disable=run.rank != 0, dynamic_ncols=True):
+            idx = order[i:i + args.eval_batch_size]
+            budget = min(new_tokens, model.args.max_seq_len - max(len(prompts[j]) for j in idx))
+            with run.autocast():
+                outs = model.generate([prompts[j] for j in idx], max(1, budget), eos_id=tok.eos_id, pad_id=tok.pad_id)
+            responses += [(j, tok.decode(o)) for j, o in zip(idx, outs)]
     return [text for _, text in sorted(gather(run, responses))], n_cut
 
 

@@ -44,6 +44,7 @@ __all__ = ["MoELoRAConfig", "GATES", "MoELoRALinear", "inject_moelora", "mark_on
            "moelora_layers", "moelora_config", "moelora_aux_losses", "balance_loss", "router_z_loss",
            "contrastive_loss", "COSINE_NORM_FLOOR", "moelora_token_mask", "moelora_routing_stats",
            "moelora_state_dict", "load_moelora_state_dict", "SAFETENSORS_DTYPES", "save_moelora",
+           "save_moelora_state_dict",
            "read_moelora_file", "load_moelora", "merge_moelora"]
 
 GATES = ("mixtral", "switch")  # MoELoRAConfig.gate
@@ -293,7 +294,7 @@ def moelora_aux_losses(model, contrastive_scale: float = 1.0):
     if not contrastive_scale >= 0:
         raise ValueError(f"contrastive_scale {contrastive_scale} must be >= 0")
     named = moelora_layers(model)
-    zero = named[0][1].lora_A.new_zeros(()) if named else torch.zeros(())
+    zero = torch.zeros((), device=named[0][1].lora_A.device if named else None)  # (lora_A may be sharded: FSDP)
     if torch.is_grad_enabled():  # refuse losses that would silently train nothing, warn about bypassed layers
         no_grad = [name for name, layer in named if layer.router is not None and layer._loss_inputs is not
                    None and layer.router.weight.requires_grad and not layer._loss_inputs.logits.requires_grad]
@@ -528,7 +529,12 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 def save_moelora(model, path):
     """Write moelora_state_dict to a .safetensors file, the MoELoRAConfig as JSON in its metadata. Written
     beside the target and renamed: an interrupted save never leaves a truncated file."""
-    state = moelora_state_dict(model)
+    save_moelora_state_dict(moelora_state_dict(model), path)
+
+
+def save_moelora_state_dict(state_dict, path):
+    """save_moelora of a state dict as moelora_state_dict returns it (e.g. gathered whole from shards)."""
+    state = dict(state_dict)
     config = json.dumps(state.pop("moelora_config"))
     header, end = {"__metadata__": {"format": "moelora", "moelora_config": config}}, 0
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

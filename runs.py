@@ -31,6 +31,7 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoints import from_pretrained
+from fsdp import first_rows, new_sharded_model, optimizer_state_to_shards, to_shards, whole, whole_optimizer_state
 from data.prompts import PROMPT_FORMATS
 from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict,
-                     mark_only_moelora_as_trainable, moelora_state_dict, save_moelora)
+                     mark_only_moelora_as_trainable, moelora_state_dict, save_moelora_state_dict)
 from quantize import quantize_int8, quantize_nf4
 from tokenizer import Tokenizer
 
@@ -76,6 +78,7 @@ class Run:
     precision: Precision
     scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only
     out_dir: Path
+    sharded: bool = False  # --fsdp: each process holds a shard of the model (fsdp.py), and calls it with the others
 
     @property
     def device(self) -> str:
@@ -103,17 +106,19 @@ def default_device(device=None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def setup_distributed(device=None):
+def setup_distributed(device=None, sharded: bool = False, timeout_minutes: float = 30.0):
     """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise (nanoGPT's way),
-    on --device (default_device). Each process of torchrun takes the GPU of its local rank."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    on --device (default_device). Each process of torchrun takes the GPU of its local rank. sharded (--fsdp): a process
+    group even for one process, which FSDP needs. A collective that waits longer than timeout_minutes for another
+    process fails (collective_failed says so), rather than wait for ever on one that died or hangs."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not sharded:
         return 0, 1, default_device(device)
     cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")
     per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count() if cuda else 0
     if cuda and per_node > gpus:  # each process takes the GPU of its local rank: some would find none
         raise SystemExit(f"error: torchrun started {per_node} processes on this node, which has {gpus} GPU(s): use "
                          f"--nproc_per_node {gpus} or fewer, or --device cpu")
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     device = f"cuda:{local_rank}" if cuda else "cpu"
     if cuda:
@@ -270,7 +275,8 @@ def read_run_json(out_dir: Path):
 # what a trained run is: grading it (--eval_only) or continuing it (--resume) with other values would not be that run
 RUN_IDENTITY = ("model", "quantize", "method", "num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules", "prompt_format")
 RESUME_IDENTITY = RUN_IDENTITY + ("task", "train_file", "seed", "batch_size", "max_seq_len", "val_examples")
-PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile")
+PER_SESSION = ("resume", "overwrite", "eval_only", "stop_after", "device", "out_dir", "data_dir", "compile", "fsdp",
+               "dist_timeout")
 
 
 def settings_from_run(values: dict, given: set, saved: "SavedRun") -> tuple:
@@ -416,9 +422,15 @@ def load_base(path, device: str, dtype: torch.dtype, quantize: str = "none"):
     return model, tok
 
 
-def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig, seed: int):
+def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig, seed: int, sharded: bool = False):
     """(model, tokenizer) of a new run: the base with fresh adapters (adapter: their config) drawn after seeding torch
-    with seed, and only they train; adapter None (--method full): every weight of the base trains."""
+    with seed, and only they train; adapter None (--method full): every weight of the base trains. sharded (--fsdp):
+    built by fsdp.new_sharded_model, each process reading only its shard of the base."""
+    if sharded:
+        try:
+            return new_sharded_model(path, precision, adapter, seed)
+        except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+            raise SystemExit(f"error: cannot load --model {path}: {e}")
     model, tok = load_base(path, precision.device, precision.weights_dtype(adapter is None), quantize)
     if adapter is None:
         return model.requires_grad_(True), tok
@@ -583,10 +595,10 @@ def trainable_state(model, method: str):
 @torch.no_grad()
 def base_fingerprint(model, path) -> dict:
     """Where the base is read from, and enough to tell one base from another without hashing gigabytes: its shape
-    and two weight sums."""
-    w = model.tok_embeddings.weight
+    and two weight sums. Of a sharded model, every process calls it (fsdp.py gathers the two tensors)."""
+    norm, w = whole({"w": model.norm.weight})["w"], model.tok_embeddings.weight
     return {"path": str(path), "args": asdict(model.args),
-            "sums": [round(float(model.norm.weight.float().sum()), 3), round(float(w[: min(8, w.shape[0])].float().sum()), 3)]}
+            "sums": [round(float(norm.float().sum()), 3), round(float(first_rows(w, min(8, w.shape[0])).float().sum()), 3)]}
 
 
 def rng_state() -> dict:
@@ -618,12 +630,14 @@ def save_checkpoint(run: Run, args, raw_model, optimizer, step: int, base: dict)
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
+    if run.rank == 0 or run.sharded:  # sharded (--fsdp): every process takes part in gathering each whole tensor
+        weights, optimizer_state = whole(trainable_state(raw_model, args.method)), whole_optimizer_state(optimizer)
     if run.rank == 0:  # config: the settings, and where the base was read (export_peft.py and older readers look there)
-        atomic_save({"weights": trainable_state(raw_model, args.method), "optimizer": optimizer.state_dict(),
+        atomic_save({"weights": weights, "optimizer": optimizer_state,
                      "scaler": run.scaler.state_dict(), "rng": rngs, "step": step,
                      "config": dict(vars(args), base=base["path"]), "base": base}, run.out_dir / "ckpt.pt")
         if args.method != "full":  # the adapters alone, to share or load elsewhere: no pickle (moelora.load_moelora)
-            save_moelora(raw_model, run.out_dir / "adapter.safetensors")
+            save_moelora_state_dict(weights, run.out_dir / "adapter.safetensors")
 
 
 ADAPTER_FLAGS = ("num_experts", "top_k", "gate", "r", "lora_alpha", "target_modules")  # what the adapter is
@@ -638,13 +652,13 @@ def resume_from_checkpoint(run: Run, args, raw_model, optimizer, base: dict) -> 
     try:
         if args.method == "full":
             raw_model.load_state_dict(ckpt["weights"])
-        else:
-            load_moelora_state_dict(raw_model, ckpt["weights"])
+        else:  # whole tensors, sharded first for a sharded model (a one-process run's checkpoint too)
+            load_moelora_state_dict(raw_model, to_shards(raw_model, ckpt["weights"]))
     except (KeyError, ValueError, RuntimeError) as e:
         differ = [f"--{k} {ckpt['config'][k]}" for k in ADAPTER_FLAGS if ckpt["config"].get(k) != getattr(args, k)]
         raise SystemExit(f"error: {ckpt_path} does not fit this adapter configuration ({str(e).splitlines()[0]}); it was "
                          f"trained with {' '.join(differ) or 'other adapter settings'}: give those flags, or use another --out_dir")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(optimizer_state_to_shards(optimizer, ckpt["optimizer"]))
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][min(run.rank, len(ckpt["rng"]) - 1)])
     log = run.out_dir / "metrics.jsonl"

@@ -4,6 +4,7 @@ Fine-tune LLaMA with MoELoRA (or plain LoRA, or all weights) on a reasoning task
     python train.py --task gsm8k                                  # built-in tiny LLaMA, CPU, a few minutes
     python train.py --task gsm8k --model path/to/llama-2-7b       # a real Meta or Hugging Face checkpoint
     torchrun --nproc_per_node=4 train.py --task gsm8k --model ... # data-parallel on 4 GPUs
+    torchrun --nproc_per_node=8 train.py --fsdp --model ...       # a base too large for one GPU, sharded over 8
     python train.py --task svamp --model ... --train_file math_10k.json
     python train.py --task gsm8k --model ... --eval_only          # grade out_dir/ckpt.pt (or the bare base)
     python train.py --help                                        # every flag and its default
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data.batches import collate
@@ -142,6 +144,10 @@ def argument_parser():
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base as int8 (a scale per 64 weights: LLaMA-7B in 7.1 GB, "
       "not 13.5) or as 4-bit NormalFloat (QLoRA's NF4, blocks of 64: 3.8 GB) (quantize.py; default %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--fsdp", action="store_true", help="under torchrun: shard the base and adapters over the processes (FSDP2, "
+      "fsdp.py), each holding 1/N of every weight, instead of a whole copy each (DDP, the default)")
+    a("--dist_timeout", type=float, default=30.0, help="minutes a process waits for the others in a collective "
+      "before it stops with an error (a process that died or hangs) (default %(default)s)")
     a("--grad_checkpointing", action="store_true", help="recompute each block in backward: less memory, one more forward pass per step")
     a("--prompt_format", default="alpaca", choices=list(PROMPT_FORMATS), help="how a question is put to the model, in "
       "training, grading and sample.py: LLM-Adapters' Alpaca template, or ChatML for instruction-tuned models such as "
@@ -244,6 +250,9 @@ def check_args(args, base, world_size: int):
         problems.append(f"--eval_kind {args.eval_kind} grades an --eval_file: give one, or leave out --eval_kind")
     if args.quantize != "none" and args.method == "full":
         problems.append(f"--quantize {args.quantize} freezes the base: it trains adapters, not --method full")
+    problems += fsdp_problems(args, world_size) if args.fsdp else []
+    if args.dist_timeout <= 0:
+        problems.append(f"--dist_timeout {args.dist_timeout} must be > 0 (minutes)")
     if args.resume and args.overwrite:
         problems.append("--resume and --overwrite contradict each other: continue the run, or start it over")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -251,6 +260,34 @@ def check_args(args, base, world_size: int):
                         "use --device cpu, or install a CUDA build of torch")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def fsdp_problems(args, world_size: int) -> list:
+    """What --fsdp does not combine with, each with what to use instead."""
+    problems = []
+    if "LOCAL_RANK" not in os.environ:
+        problems.append("--fsdp shards the base over torchrun's processes: start it with torchrun "
+                        "--nproc_per_node=N train.py --fsdp ... (N GPUs; on a CPU, any N)")
+    if args.quantize != "none":
+        problems.append(f"--fsdp with --quantize {args.quantize}: FSDP would cast the packed 8- or 4-bit codes to the "
+                        "compute dtype when it gathers them; shard a bf16 base (leave out --quantize), or train the "
+                        f"--quantize {args.quantize} base on one GPU without --fsdp")
+    if args.method == "full":
+        problems.append("--fsdp trains adapters: --method full would save every weight whole from one process; use "
+                        "--method moelora or lora, or DDP (leave out --fsdp) for a base that fits one GPU")
+    if args.method == "moelora" and args.contrastive_weight > 0:
+        problems.append(f"--fsdp with --contrastive_weight {args.contrastive_weight}: the contrastive loss reads every "
+                        "expert's B after the forward, when FSDP has put back each process's shard of it; not built "
+                        "here: use DDP (leave out --fsdp), or --contrastive_weight 0 (the default)")
+    if args.compile:
+        problems.append("--fsdp with --compile is not built here: leave out one of them")
+    if args.dtype == "fp16" or (args.dtype == "auto" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()):
+        problems.append("--fsdp with fp16: its gradient scaler would need the gradients' overflow agreed over the "
+                        "processes, which is not built here; use --dtype bf16 (or fp32) with --fsdp")
+    if args.eval_only:
+        problems.append("--eval_only with --fsdp is not built: grading at the end of an --fsdp run is sharded; a saved "
+                        "run is graded by --eval_only without --fsdp (one process, or DDP under torchrun)")
+    return problems
 
 
 def target_problems(args, base) -> list:
@@ -282,9 +319,9 @@ def moelora_config_from(args) -> MoELoRAConfig:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device, args.fsdp, args.dist_timeout)
     precision = setup_precision(args.dtype, device)
-    run = Run(rank, world_size, precision, precision.grad_scaler(), Path(args.out_dir))
+    run = Run(rank, world_size, precision, precision.grad_scaler(), Path(args.out_dir), sharded=args.fsdp)
     check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
     for note in args.notes:
         run.log(note)
@@ -312,27 +349,35 @@ def main(argv=None):
     check_against_the_run(args, run, info)
     prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
 
-    if not args.eval_only:
-        if args.compile:
-            model = torch.compile(model)
-        if world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-        step = train(args, run, model, raw_model, tok, train_set, val_set, base)
-        if step is None:
-            return None
-    elif step is None:
-        step = 0
-        run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
+    try:  # every collective from here on: a process that died or hangs is one line, not a traceback
+        if not args.eval_only:
+            if args.compile:
+                model = torch.compile(model)
+            if world_size > 1 and not args.fsdp:  # (fsdp.py sharded the model when it built it)
+                model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+            step = train(args, run, model, raw_model, tok, train_set, val_set, base)
+            if step is None:
+                return None
+        elif step is None:
+            step = 0
+            run.log(f"no {run.out_dir / 'ckpt.pt'}: evaluating the base model with fresh (no-op) adapters")
 
-    # every result file says what it graded and which run (run.json) it comes from
-    record = {"run_id": info["run_id"], "step": step, "base": base["path"], "model": args.model or "built-in tiny",
-              "method": args.method, "quantize": args.quantize, "autocast": str(run.amp_dtype).removeprefix("torch."),
-              "adapter": None if args.method == "full" else asdict(moelora_config(raw_model)),
-              "code": info["code"]}
-    results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        # every result file says what it graded and which run (run.json) it comes from
+        record = {"run_id": info["run_id"], "step": step, "base": base["path"], "model": args.model or "built-in tiny",
+                  "method": args.method, "quantize": args.quantize, "autocast": str(run.amp_dtype).removeprefix("torch."),
+                  "adapter": None if args.method == "full" else asdict(moelora_config(raw_model)),
+                  "code": info["code"]}
+        results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except RuntimeError as e:
+        if world_size == 1 or not (isinstance(e, dist.DistBackendError) or "gloo" in str(e)):
+            raise
+        why = re.sub(r"^\[[^]]*\] *", "", str(e).splitlines()[0])  # gloo's begins with its source file: [.../pair.cc:553]
+        raise SystemExit(f"error: process {rank} of {world_size}: a collective failed ({why}): "
+                         f"another process died, or has not answered for --dist_timeout {args.dist_timeout} minutes; "
+                         f"its log says why. The last checkpoint is {run.out_dir / 'ckpt.pt'}: continue with --resume")
     return results if len(results) > 1 else next(iter(results.values()))
 
 
@@ -358,7 +403,9 @@ def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> t
         model, tok, saved = load_run(run.out_dir, run.precision, path)
         base, step = {**saved.fingerprint, "path": saved.base}, saved.step
     else:  # --resume loads its checkpoint into the fresh adapters when training starts
-        model, tok = new_model(path, run.precision, args.quantize, adapter, args.seed + run.rank)
+        # DDP starts every process from rank 0's adapters; FSDP shards the whole ones, drawn with rank 0's seed
+        seed = args.seed if args.fsdp else args.seed + run.rank
+        model, tok = new_model(path, run.precision, args.quantize, adapter, seed, sharded=args.fsdp)
         base, step = base_fingerprint(model, path), None
     model.grad_checkpointing = args.grad_checkpointing
     n = sum(p.numel() for name, p in model.named_parameters() if not name.endswith(("lora_A", "lora_B", "router.weight")))
@@ -383,7 +430,7 @@ def train(args, run: Run, model, raw_model, tok, train_set, val_set, base: dict)
                 f"never gets to --lr {args.lr} (it ends at {get_lr(total_steps - 1, args.lr, args.warmup_steps, total_steps):.3g})")
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                  fused=run.device.startswith("cuda"))
+                                  fused=run.device.startswith("cuda") and not args.fsdp)  # sharded: foreach
     step = resume_from_checkpoint(run, args, raw_model, optimizer, base) if args.resume else 0
     saved_step = step if args.resume else None  # the step of the checkpoint on disk, if any
     best = best_val_loss(run) if args.resume else math.inf
@@ -479,9 +526,10 @@ def batch_order(n_examples: int, batch_size: int, epoch: int, seed: int):
 def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches, pad_id: int, step: int,
                      per_source=None):
     """Accumulate the gradients of optimizer step `step` (0-based). Returns the step's losses for the log (lm,
-    contrastive as added to the loss, balance: 0-dim tensors left on the device, so the host waits once per step)
-    and the number of positions processed. per_source ([2, sources], for a logged step of a mixture) receives each
-    source's summed target loss and target count."""
+    contrastive as added to the loss, balance, router_z: 0-dim tensors left on the device, so the host waits once
+    per step), of the whole batch over all processes, and the number of positions this process processed.
+    per_source ([2, sources], for a logged step of a mixture) receives each source's summed target loss and
+    target count."""
     pairs, sources = train_set.pairs, train_set.sources
     # every target token of the global batch weighs the same, however the batch is split into micro-batches
     # and processes: weight each micro-batch's mean loss by its share of the targets
@@ -491,15 +539,15 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
     positions = 0
     for j, mb in enumerate(micro_batches):
         x, y, real = collate([pairs[i] for i in mb], pad_id, run.device)  # [B, T] each
-        sync = j == len(micro_batches) - 1  # DDP all-reduces gradients only on the last micro-batch
+        sync = j == len(micro_batches) - 1  # gradients are reduced over processes only on the last micro-batch
         # padding (a third of the positions in the tutorial's runs) stays out of the routers' losses and
         # statistics; the language-model loss already ignores it through the labels
         only_real = moelora_token_mask(raw_model, real) if args.method != "full" else contextlib.nullcontext()
-        with (contextlib.nullcontext() if run.world_size == 1 or sync else model.no_sync()), run.autocast(), only_real:
+        with gradient_sync(model, sync), run.autocast(), only_real:
             logits, lm_loss = model(x, y)
             aux = (moelora_aux_losses(raw_model, contrastive_scale=contrastive_ramp(args, step))
                    if args.method == "moelora" else {})
-            # DDP averages gradients over processes, hence the world_size factor
+            # DDP and FSDP average gradients over processes, hence the world_size factor
             loss = lm_loss * (n_targets[j] * run.world_size / global_targets)
             loss = loss + sum(aux.values()) / len(micro_batches)
         if per_source is not None:
@@ -511,11 +559,25 @@ def forward_backward(run: Run, args, model, raw_model, train_set, micro_batches,
                 per_source[1].index_add_(0, src, (y != IGNORE_INDEX).sum(1).float())
         del logits  # held through backward, they would be one more logits-sized array at its peak
         run.scaler.scale(loss).backward()
-        sums["lm"] += lm_loss.detach().float() * (n_targets[j] / max(1, sum(n_targets)))
+        sums["lm"] += lm_loss.detach().float() * (n_targets[j] / max(1, global_targets))
         for k, v in aux.items():
-            sums[k] += v.detach().float() / len(micro_batches)
+            sums[k] += v.detach().float() / (len(micro_batches) * run.world_size)
         positions += x.numel()
+    if run.world_size > 1:  # the whole batch's losses, as one process logs them: every process's share added
+        totals = torch.stack(list(sums.values()))
+        dist.all_reduce(totals)
+        sums = dict(zip(sums, totals))
     return sums, positions
+
+
+def gradient_sync(model, sync: bool):
+    """A micro-batch's backward: accumulated locally, or (sync, the step's last) also reduced over processes."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fsdp.py): a flag on the model
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def contrastive_ramp(args, step: int) -> float:
@@ -531,6 +593,8 @@ def optimizer_step(args, run: Run, optimizer, params, losses: dict, step: int, s
                         step, saved_step)
     run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if isinstance(grad_norm, DTensor):  # --fsdp: the norm over every process's shards, clipped by it already
+        grad_norm = grad_norm.full_tensor()
     if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):  # (fp16's scaler skips such steps itself)
         stop_non_finite(run, f"the gradient norm is {grad_norm.item()}", step, saved_step)
     run.scaler.step(optimizer)
