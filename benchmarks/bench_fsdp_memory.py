@@ -1,29 +1,31 @@
 """
 Each process's memory when train.py runs on 2 CPU processes: data parallel (DDP: every process holds the whole base)
-against `--fsdp` (FSDP2: each process holds its shard of the base). benchmarks/README.md, "Sharding the base over
-processes".
+against `--fsdp` (FSDP2, fsdp.py: each process holds its shard of the base). benchmarks/README.md, "Sharding the base
+over processes".
 
-    python benchmarks/bench_fsdp_memory.py                 # TinyLlama-1.1B's shape, --modes ddp,fsdp: a few minutes
+    python benchmarks/bench_fsdp_memory.py        # TinyLlama-1.1B's shape, --modes ddp,fsdp: ~2 min (+15 s to write it)
     python benchmarks/bench_fsdp_memory.py --modes ddp --nproc 2 --work_dir /scratch/bench
 
-The checkpoint is written once by bench_cpu_memory.py's writer (Hugging Face's layout, random weights, the LLaMA-2
-tokenizer from $MOELORA_SHARED), here with n_kv_heads key and value heads, and reused. Each mode is one
-`torchrun --standalone --nproc_per_node N` of this script as a worker, each process running
+The checkpoint is written once into --work_dir by bench_cpu_memory.py's writer (Hugging Face's layout, random
+weights, the LLaMA-2 tokenizer from $MOELORA_SHARED), here with n_kv_heads key and value heads, and reused. Each mode
+is one `torchrun --standalone --nproc_per_node N` of this script as a worker, each process running
 
     train.main(["--model", DIR, "--device", "cpu", "--dtype", "fp32", "--max_steps", "1", "--batch_size", "2",
                 "--micro_batch_size", "1", ..., "--fsdp" in the fsdp mode])
 
-with OMP_NUM_THREADS=1, over gloo. Each process reports, after train.load_model (the base loaded, its adapters
-injected) and at the end of train.main: the peak resident set so far (the kernel's VmHWM, exact) and, from a thread
-that reads /proc/self/status every --sample_ms, the most anonymous memory (tensors, the allocator's heap) and the most
-file-backed pages (the checkpoint's memory-mapped pages, the libraries) seen. File-backed pages of the same file are
-one copy in the page cache, counted in the resident set of every process that maps them.
+with OMP_NUM_THREADS=1, over gloo. Each process is marked after each phase (train.load_model: start-up, the base
+loaded and its adapters injected; the first forward and backward; the optimizer step; the save; grading's answer loss
+and generation; the end) as bench_cpu_memory.py marks them: the exact peak resident set of each phase (VmHWM, reset
+at each mark). A thread that reads /proc/self/status every --sample_ms keeps the most anonymous memory (tensors, the
+allocator's heap) and the most file-backed pages (mapped checkpoint files, the libraries) of any sample. File-backed
+pages of one file are one copy in the page cache, counted in the resident set of every process that maps them.
 """
 
 import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 import bench_cpu_memory
-from bench_cpu_memory import DTYPES, build_checkpoint, gb, proc_status
+from bench_cpu_memory import DTYPES, Meter, build_checkpoint, gb, proc_status
 from bench_moelora import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,52 +94,60 @@ def write_checkpoint(args) -> Path:
 # a worker: one process of torchrun, train.main in it
 
 class Peaks:
-    """The most anonymous and file-backed bytes seen by a thread that reads /proc/self/status every period seconds."""
+    """The most anonymous and file-backed bytes of any sample, from a thread that reads /proc/self/status every period
+    seconds (Meter's thread keeps those of each phase's highest sample only)."""
 
     def __init__(self, period: float):
-        self.period, self.anon, self.file, self.lock = period, 0, 0, threading.Lock()
+        self.period, self.anon, self.file = period, 0, 0
         threading.Thread(target=self.sample, daemon=True).start()
 
     def sample(self):
         while True:
-            self.read()
-            time.sleep(self.period)
-
-    def read(self) -> dict:
-        s = proc_status()
-        with self.lock:
+            s = proc_status()
             self.anon, self.file = max(self.anon, s["RssAnon"]), max(self.file, s["RssFile"])
-            return {"peak": s["VmHWM"], "rss": s["VmRSS"], "anon": s["RssAnon"], "peak_anon": self.anon,
-                    "peak_file": self.file, "t": time.time()}
+            time.sleep(self.period)
 
 
 def run_worker(train_argv: list):
-    """train.main(train_argv), read after train.load_model and at the end; written to $BENCH_FSDP_RESULTS/rankR.json."""
+    """train.main(train_argv) with a mark after each phase (bench_cpu_memory.Meter: the exact peak resident set of
+    each); this process's phases and peaks written to $BENCH_FSDP_RESULTS/rank<RANK>.json."""
+    import evaluate
     import train
-    peaks, t0, marks = Peaks(float(os.environ["BENCH_FSDP_SAMPLE_MS"]) / 1000), time.time(), {}
-    load_model = train.load_model
+    period = float(os.environ["BENCH_FSDP_SAMPLE_MS"]) / 1000
+    meter, peaks, t0, seen = Meter(period), Peaks(period), time.time(), set()
 
-    def load_model_marked(*a, **kw):
-        out = load_model(*a, **kw)
-        marks["loaded"] = peaks.read()
-        return out
-    train.load_model = load_model_marked  # main looks it up when it calls it
+    def mark_after(owner, name, phase):
+        original = getattr(owner, name)
+
+        def marked(*a, **kw):
+            out = original(*a, **kw)
+            if phase not in seen:
+                seen.add(phase)
+                meter.mark(phase)
+            return out
+        setattr(owner, name, marked)  # the callers look it up there when they call it
+    mark_after(train, "load_model", "load")  # start-up, then the base loaded (sharded under --fsdp), adapters injected
+    mark_after(train, "forward_backward", "forward, backward")
+    mark_after(train, "optimizer_step", "step")
+    mark_after(train, "save_checkpoint", "save")
+    mark_after(evaluate, "answer_loss", "answer loss")
+    mark_after(evaluate, "generate_responses", "generation")
     train.main(train_argv)
-    marks["end"] = peaks.read()
+    meter.mark("end")
     out = Path(os.environ["BENCH_FSDP_RESULTS"]) / f"rank{os.environ['RANK']}.json"
-    out.write_text(json.dumps({"t0": t0, **marks}))
+    out.write_text(json.dumps({"phases": meter.phases, "peak_anon": peaks.anon, "peak_file": peaks.file,
+                               "t0": t0, "t1": time.time()}))
 
 
 # -----------------------------------------------------------------------------------------------------
 # the modes, each one torchrun, and the table
 
 def run_mode(args, ckpt: Path, mode: str) -> dict:
-    """{rank: its marks} of one torchrun of this script as --worker; wall_s: torchrun's."""
+    """One torchrun of this script as --worker: {"ranks": {rank: its phases and peaks}, "wall_s": torchrun's}."""
     run_dir = Path(args.work_dir) / f"run_{mode}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the last run of this mode: ours, in --work_dir
     results = run_dir / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    for f in results.glob("rank*.json"):
-        f.unlink()
+    results.mkdir(parents=True)
     train_argv = ["--model", str(ckpt), "--device", "cpu", "--dtype", args.dtype, "--max_steps", "1",
                   "--batch_size", str(args.nproc), "--micro_batch_size", "1", "--max_seq_len", str(args.max_seq_len),
                   "--eval_limit", "2", "--max_new_tokens", "2", "--out_dir", str(run_dir / "out"), "--overwrite"]
@@ -161,23 +171,31 @@ def print_table(args, results: dict, ckpt_bytes: int):
     base = sum(math.prod(shape) for _, shape in hf_shapes_gqa(args)) * DTYPES[args.dtype].itemsize
     print(f"\nthe base in {args.dtype}: {gb(base)} GB; the checkpoint's files ({args.ckpt_dtype}): "
           f"{gb(ckpt_bytes)} GB\n")
-    print("| mode | rank | peak RSS to loaded | RSS after loading | peak RSS | peak anon | peak file-backed | "
-          "train.main s | torchrun s |")
-    print("| --- | ---: |" + " ---: |" * 7)
+    print("| mode | rank | peak RSS to loaded | RSS after loading | peak RSS | in phase | peak anon | "
+          "peak file-backed | train.main s | torchrun s |")
+    print("| --- | ---: |" + " ---: |" * 3 + " --- |" + " ---: |" * 4)
     for mode, r in results.items():
         for rank, m in r["ranks"].items():
-            loaded, end = m["loaded"], m["end"]
-            print(f"| {mode} | {rank} | {gb(loaded['peak'])} | {gb(loaded['rss'])} | {gb(end['peak'])} | "
-                  f"{gb(end['peak_anon'])} | {gb(end['peak_file'])} | {end['t'] - m['t0']:.0f} | {r['wall_s']:.0f} |")
+            load, top = m["phases"][0], max(m["phases"], key=lambda p: p["peak"])
+            print(f"| {mode} | {rank} | {gb(load['peak'])} | {gb(load['end'])} | {gb(top['peak'])} | {top['phase']} | "
+                  f"{gb(m['peak_anon'])} | {gb(m['peak_file'])} | {m['t1'] - m['t0']:.0f} | {r['wall_s']:.0f} |")
     print("\n(GB = 1e9 bytes. Peak RSS: VmHWM. Peak anon, peak file-backed: the largest RssAnon and RssFile sampled, "
           "not necessarily at the same moment.)")
+    columns = [(mode, rank, m) for mode, r in results.items() for rank, m in r["ranks"].items()]
+    print("\n## peak RSS in each phase, GB (since the previous mark)\n")
+    print("| phase | " + " | ".join(f"{mode} rank {rank}" for mode, rank, _ in columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for phase in [p["phase"] for p in columns[0][2]["phases"]]:
+        cells = [next((gb(p["peak"]) for p in m["phases"] if p["phase"] == phase), "-") for _, _, m in columns]
+        print(f"| {phase} | " + " | ".join(cells) + " |")
     if {"ddp", "fsdp"} <= results.keys():
-        for rank in results["fsdp"]["ranks"]:
-            d, f = results["ddp"]["ranks"].get(rank), results["fsdp"]["ranks"][rank]
+        print()
+        for rank, f in results["fsdp"]["ranks"].items():
+            d = results["ddp"]["ranks"].get(rank)
             if d:
-                print(f"rank {rank}, fsdp / ddp: peak RSS {f['end']['peak'] / d['end']['peak']:.2f}, peak anon "
-                      f"{f['end']['peak_anon'] / d['end']['peak_anon']:.2f}, RSS after loading "
-                      f"{f['loaded']['rss'] / d['loaded']['rss']:.2f}")
+                peak = max(p["peak"] for p in f["phases"]) / max(p["peak"] for p in d["phases"])
+                print(f"rank {rank}, fsdp / ddp: peak RSS {peak:.2f}, peak anon {f['peak_anon'] / d['peak_anon']:.2f}, "
+                      f"RSS after loading {f['phases'][0]['end'] / d['phases'][0]['end']:.2f}")
 
 
 def main(args):
@@ -192,7 +210,7 @@ def main(args):
         if mode not in ("ddp", "fsdp"):
             sys.exit(f"error: --modes: {mode!r} is neither ddp nor fsdp")
         results[mode] = run_mode(args, ckpt, mode)
-        peak = max(m["end"]["peak"] for m in results[mode]["ranks"].values())
+        peak = max(p["peak"] for m in results[mode]["ranks"].values() for p in m["phases"])
         print(f"{mode}: {args.nproc} processes, highest peak RSS {gb(peak)} GB, {results[mode]['wall_s']:.0f} s",
               flush=True)
     print_table(args, results, ckpt_bytes)
