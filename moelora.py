@@ -171,16 +171,19 @@ class MoELoRALinear(nn.Module):
         # cost of the LoRA of equal size. Gathering each token's k experts ([M, k, out, r]) was far slower
         h = F.linear(self.dropout(x2), self.lora_A.reshape(N * r, -1))  # [M, N*r] every expert's code A_i x
         h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
-        delta = F.linear(h_gated, self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1))  # B [out, N*r]
+        B_all = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, N*r] the experts' B side by side
+        delta = F.linear(h_gated, B_all)  # [M, out]
         self.last_logits, self.last_top_idx, self.last_real = logits.detach(), top_idx, real
         if self.training and (cfg.balance_weight or cfg.router_z_weight or cfg.contrastive_weight):
             # their inputs only, a few small kernels: moelora_aux_losses forms all layers' losses at once
-            codes = labels = codes_real = None
+            codes = labels = codes_real = B = None
             if cfg.contrastive_weight > 0:
                 pick, token, codes_real = self._contrastive_pairs(h.shape[0], cfg.top_k, real, rerun)  # [S]
                 codes, labels = h[token], top_idx.reshape(-1)[pick]  # [S, N*r] all experts' codes; [S]
+                # a copy made here, where lora_B is whole even when FSDP keeps only a shard of it between forwards
+                B = B_all.contiguous()  # (already one, unless r == 1)
             if not rerun:
-                self._loss_inputs = _LossInputs(logits, top_idx, real, codes, labels, codes_real)
+                self._loss_inputs = _LossInputs(logits, top_idx, real, codes, labels, codes_real, B)
         delta = (self.scaling * delta).view(*x.shape[:-1], self.out_features)
         return result + delta.to(result.dtype)
 
@@ -320,8 +323,7 @@ def moelora_aux_losses(model, contrastive_scale: float = 1.0):
             groups.setdefault(key, []).append(layer)
     terms = {"contrastive": [], "balance": [], "router_z": []}  # [L] per group
     for group in groups.values():
-        # the Gram matrices [N*r, N*r] have one size whatever the width: stacked by width, as the codes
-        group = sorted(group, key=lambda layer: layer.out_features)
+        group = sorted(group, key=lambda layer: layer.out_features)  # in the order of the Gram matrices below
         cfg, inputs = group[0].config, [layer._loss_inputs for layer in group]
         if cfg.balance_weight > 0 or cfg.router_z_weight > 0:  # the routers' logits, stacked once for both
             logits, real = torch.stack([i.logits for i in inputs]), _stacked_masks([i.real for i in inputs])
@@ -331,9 +333,9 @@ def moelora_aux_losses(model, contrastive_scale: float = 1.0):
             if cfg.router_z_weight > 0:
                 terms["router_z"].append(cfg.router_z_weight * router_z_loss(logits, real))
         if inputs[0].codes is not None:
-            widths = sorted({layer.out_features for layer in group})
-            grams = [_experts_gram(torch.stack([g.lora_B for g in group if g.out_features == w]))
-                     for w in widths]
+            # the Gram matrices [N*r, N*r] have one size whatever the width: formed width by width, stacked
+            grams = [_gram(torch.stack([i.B_all for i in inputs if i.B_all.shape[0] == width]))
+                     for width in sorted({i.B_all.shape[0] for i in inputs})]
             gram = grams[0] if len(grams) == 1 else torch.cat(grams)  # [L, N*r, N*r]
             labels = torch.stack([i.labels for i in inputs])  # [L, S]
             dots = _contrastive_dots(torch.stack([i.codes for i in inputs]), labels, gram, cfg.num_experts)
@@ -394,6 +396,7 @@ class _LossInputs(NamedTuple):  # what a layer's training forward keeps for moel
     codes: Optional[torch.Tensor]  # [S, N*r] every expert's code of the sampled pairs' tokens, with gradient
     labels: Optional[torch.Tensor]  # [S] each sampled pair's expert
     codes_real: Optional[torch.Tensor]  # [S] bool, whether each sampled pair's token is real; None = all
+    B_all: Optional[torch.Tensor]  # [out, N*r] the experts' B side by side, with gradient
 
 
 def _draw_pairs(M: int, k: int, S: int, real, device):
@@ -412,8 +415,11 @@ def _draw_pairs(M: int, k: int, S: int, real, device):
 
 def _experts_gram(lora_B):
     """lora_B [..., N, out, r] -> B_all^T B_all [..., N*r, N*r], B_all [out, N*r] the B side by side."""
-    B_all = lora_B.transpose(-3, -2).flatten(-2)  # [..., out, N*r]
-    return B_all.transpose(-2, -1) @ B_all
+    return _gram(lora_B.transpose(-3, -2).flatten(-2))  # B_all [..., out, N*r]
+
+
+def _gram(B_all):
+    return B_all.transpose(-2, -1) @ B_all  # [..., N*r, N*r]
 
 
 def _contrastive_dots(codes, labels, gram, N: int):

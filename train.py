@@ -275,10 +275,6 @@ def fsdp_problems(args, world_size: int) -> list:
     if args.method == "full":
         problems.append("--fsdp trains adapters: --method full would save every weight whole from one process; use "
                         "--method moelora or lora, or DDP (leave out --fsdp) for a base that fits one GPU")
-    if args.method == "moelora" and args.contrastive_weight > 0:
-        problems.append(f"--fsdp with --contrastive_weight {args.contrastive_weight}: the contrastive loss reads every "
-                        "expert's B after the forward, when FSDP has put back each process's shard of it; not built "
-                        "here: use DDP (leave out --fsdp), or --contrastive_weight 0 (the default)")
     if args.compile:
         problems.append("--fsdp with --compile is not built here: leave out one of them")
     if args.dtype == "fp16" or (args.dtype == "auto" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()):

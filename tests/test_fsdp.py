@@ -17,10 +17,11 @@ from conftest import ROOT, shared_path
 from moelora import read_moelora_file
 from test_train import adapter_weights, run_script, small_run
 
-# no dropout and no contrastive sampling (refused under --fsdp): then 2 processes x 2 micro-batches of 1 must equal
-# 1 process x 4. Clipping at 0.05 bites from the first step, so the norm over the shards is what clips. The llama2.c
-# stories260K ties its output layer to the embeddings: the tie must survive sharding
-COMMON = ("--lora_dropout", "0", "--contrastive_weight", "0", "--micro_batch_size", "1", "--grad_clip", "0.05",
+# no dropout, and the contrastive loss (small_run's weight 0.1) over all of a micro-batch's pairs, none drawn: then
+# 2 processes x 2 micro-batches of 1 must equal 1 process x 4. Clipping at 0.05 bites from the first step, so the
+# norm over the shards is what clips. The llama2.c stories260K ties its output layer to the embeddings: the tie must
+# survive sharding
+COMMON = ("--lora_dropout", "0", "--contrastive_samples", "100000", "--micro_batch_size", "1", "--grad_clip", "0.05",
           "--eval_limit", "4", "--max_new_tokens", "6", "--eval_batch_size", "1")
 TIED = "stories260K/stories260K.bin"
 
@@ -157,7 +158,6 @@ def test_what_fsdp_refuses(tmp_path, monkeypatch):
     refused = {("--quantize", "nf4"): "--fsdp with --quantize nf4: FSDP would cast the packed 8- or 4-bit codes",
                ("--quantize", "int8"): "--fsdp with --quantize int8",
                ("--method", "full"): "--fsdp trains adapters: --method full would save every weight whole",
-               ("--contrastive_weight", "0.1"): "--fsdp with --contrastive_weight 0.1: the contrastive loss reads",
                ("--compile",): "--fsdp with --compile is not built here",
                ("--dtype", "fp16"): "--fsdp with fp16: its gradient scaler",
                ("--eval_only",): "--eval_only with --fsdp is not built",

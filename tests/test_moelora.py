@@ -428,6 +428,32 @@ def test_batched_aux_losses_equal_the_per_layer_losses_with_their_gradients():
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+def test_aux_losses_read_no_adapter_weight_after_the_forward():
+    # FSDP (train.py --fsdp) keeps only a shard of each weight between forwards: moelora_aux_losses must form every
+    # loss from what the forwards kept, not from the layers' parameters. Here the parameters are swapped for meta
+    # tensors after the forward: the losses and their gradients must not change
+    args = model_py.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+    torch.manual_seed(0)
+    model = model_py.Transformer(args)
+    mark_only_moelora_as_trainable(inject_moelora(model, small_config(contrastive_samples=24, balance_weight=0.2,
+                                                                      router_z_weight=0.05)))
+    randomize_B(model)
+    model(torch.randint(1, 64, (2, 8)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    expected = moelora_aux_losses(model)
+    want = torch.autograd.grad(sum(expected.values()), trainable, retain_graph=True)
+    for _, layer in moelora.moelora_layers(model):
+        for name in ("lora_A", "lora_B"):
+            layer._parameters[name] = nn.Parameter(torch.empty_like(layer._parameters[name], device="meta"))
+        layer.router.weight = nn.Parameter(torch.empty_like(layer.router.weight, device="meta"))
+    got = moelora_aux_losses(model)
+    for key in expected:
+        assert got[key].device.type == "cpu"
+        torch.testing.assert_close(got[key], expected[key])
+    for g, w in zip(torch.autograd.grad(sum(got.values()), trainable), want):
+        torch.testing.assert_close(g, w)
+
+
 def test_contrastive_pairs_drawn_once_per_forward_for_all_layers():
     model = mark_only_moelora_as_trainable(inject_moelora(TinyNet(n_layers=3), small_config(contrastive_samples=8)))
     layers = [layer for _, layer in moelora.moelora_layers(model)]
