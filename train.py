@@ -142,7 +142,7 @@ def argument_parser():
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype; auto = bf16 on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU unless bf16/fp16 is asked for (default %(default)s)")
     a("--device", default=None, help="cuda, cuda:1, cpu... (default cuda if available)")
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base as int8 (a scale per 64 weights: LLaMA-7B in 7.1 GB, "
-      "not 13.5) or as 4-bit NormalFloat (QLoRA's NF4, blocks of 64: 3.8 GB) (quantize.py; default %(default)s)")
+      "not 13.5) or as 4-bit NormalFloat (QLoRA's NF4, blocks of 64, the output layer kept: 4.0 GB) (quantize.py; default %(default)s)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--fsdp", action="store_true", help="under torchrun: shard the base and adapters over the processes (FSDP2, "
       "fsdp.py), each holding 1/N of every weight, instead of a whole copy each (DDP, the default)")

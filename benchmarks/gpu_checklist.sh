@@ -19,6 +19,8 @@
 #   7. train.py with --compile and --grad_checkpointing on stories260K
 #   8. --compile at LLaMA-7B's width (4 layers: compiling 32 takes longer than a short lease)
 #   9. NCCL data parallel with every GPU (skipped on one GPU)
+#   9b. --fsdp (fsdp.py) with every GPU, world size 1 on one GPU: the NCCL path, FSDP2's bf16 mixed-precision policy,
+#       the checkpoint gathered whole; part 1's run sharded (its loss and accuracy should match part 1's within bf16)
 #  10. the test suite on this machine's torch / transformers / peft (the tests themselves run on the CPU)
 #  11. a real model, whole: SmolLM2-135M-Instruct (the GGUF file of ../shared) on all 7,473 GSM8K training questions
 #      (one epoch) and all 1,319 test questions, ChatML, LoRA r32 then MoELoRA 8 x r4 top-2: accuracy and time.
@@ -86,6 +88,9 @@ if (( GPUS > 1 )); then
 else
   echo "== 9. NCCL data parallel: skipped, one GPU"
 fi
+part "9b. --fsdp on $GPUS GPU(s), NCCL" 150 torchrun --standalone --nproc_per_node="$GPUS" train.py --fsdp --task gsm8k \
+  "${STORIES[@]}" --dtype bf16 --max_steps 30 --micro_batch_size $(( 8 / GPUS > 0 ? 8 / GPUS : 1 )) --eval_limit 200 \
+  --out_dir "$OUT/stories_fsdp"
 part "10. the test suite" 150 python -m pytest -q -x -p no:cacheprovider $(python -c "import xdist" 2>/dev/null && echo -n "-n 8")
 
 SMOL=(--task gsm8k --model "$SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf" --device cuda
