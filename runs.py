@@ -42,8 +42,8 @@ from tqdm import tqdm
 from checkpoints import from_pretrained
 from fsdp import first_rows, new_sharded_model, optimizer_state_to_shards, to_shards, whole, whole_optimizer_state
 from data.prompts import PROMPT_FORMATS
-from moelora import (MoELoRAConfig, inject_moelora, load_moelora, load_moelora_state_dict,
-                     mark_only_moelora_as_trainable, moelora_state_dict, save_moelora_state_dict)
+from moelora import (MoELoRAConfig, inject_moelora, load_moelora_state_dict, mark_only_moelora_as_trainable,
+                     moelora_layers, moelora_state_dict, read_moelora_file, save_moelora_state_dict)
 from quantize import quantize_int8, quantize_nf4
 from tokenizer import Tokenizer
 
@@ -444,11 +444,12 @@ def new_model(path, precision: Precision, quantize: str, adapter: MoELoRAConfig,
     return mark_only_moelora_as_trainable(model), tok
 
 
-def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: bool = True):
+def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: bool = True, sharded: bool = False):
     """(model, tokenizer, SavedRun): the trained run in out_dir, in eval mode: its base, quantised as the run's was,
     with the trained weights (adapter=False: without them), on precision's device and in its dtype (default:
     setup_precision's choice). base: the base's path, when it is no longer where the run found it. With the weights,
-    the base is checked against the fingerprint the run recorded; what does not fit is one line."""
+    the base is checked against the fingerprint the run recorded; what does not fit is one line. sharded
+    (--eval_only --fsdp): the base read shard by shard (fsdp.new_sharded_model), the adapters sharded too."""
     saved = open_run(Path(out_dir), need_checkpoint=True)
     precision = precision or setup_precision()
     path = Path(base or saved.base)
@@ -458,35 +459,43 @@ def load_run(out_dir: Path, precision: Precision = None, base=None, adapter: boo
         raise SystemExit(f"error: the base model {path} does not exist" + ("" if base else f" (it is where "
                          f"{saved.source.name} says the run found it); give --model the path of that base"))
     full, quantize = saved.settings["method"] == "full", saved.settings.get("quantize", "none")
-    model, tok = load_base(path, precision.device, precision.weights_dtype(full), quantize)
-    fingerprint, weights = base_fingerprint(model, path), None  # of the base: a full run's weights replace it
+    source, weights = read_trained(saved, path) if adapter else (None, None)
+    if sharded:  # the adapters go in before sharding, to be filled with the trained ones below
+        model, tok = new_model(path, precision, quantize, MoELoRAConfig(**weights["moelora_config"]), 0, sharded=True)
+    else:
+        model, tok = load_base(path, precision.device, precision.weights_dtype(full), quantize)
+    fingerprint = base_fingerprint(model, path)  # of the base: a full run's weights replace it
     if adapter:  # the base alone (sample.py --no_adapter) is the base asked for: nothing to check it against
-        weights = load_trained(model, saved, path)
+        try:
+            if full:
+                model.load_state_dict(weights)
+            else:  # (plain LoRA is a one-expert MoELoRA: the same file and loader)
+                if not moelora_layers(model):
+                    inject_moelora(model, MoELoRAConfig(**weights["moelora_config"]))
+                load_moelora_state_dict(model, to_shards(model, weights))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SystemExit(weights_do_not_fit(e, source, path, saved))
         check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)
-    return model.eval(), tok, replace(saved, base=str(path), weights=weights)
+    return model.eval(), tok, replace(saved, base=str(path), weights=source)
 
 
-def load_trained(model, saved: SavedRun, path: Path) -> Path:
-    """Put the run's trained weights into its base: adapter.safetensors when it is there (plain LoRA is a one-expert
-    MoELoRA: the same file and loader), else ckpt.pt's (--method full: all the weights). Returns where they came from."""
-    adapter, source = saved.out_dir / "adapter.safetensors", saved.checkpoint
+def read_trained(saved: SavedRun, path: Path) -> tuple:
+    """(where the run's trained weights are, a state dict of them): adapter.safetensors when it is there, else
+    ckpt.pt's (--method full: all the weights)."""
+    adapter = saved.out_dir / "adapter.safetensors"
     try:
         if saved.settings["method"] != "full" and adapter.exists():
-            source = adapter
-            load_moelora(model, adapter)
-        else:
-            weights = read_checkpoint(source, mmap=True)["weights"]
-            if saved.settings["method"] == "full":
-                model.load_state_dict(weights)
-            else:
-                inject_moelora(model, MoELoRAConfig(**weights["moelora_config"]))
-                load_moelora_state_dict(model, weights)
-    except (ValueError, KeyError, RuntimeError) as e:
-        why = str(e).splitlines()[0]
-        why = why if len(why) < 300 else why[:300] + "..."  # a list of every missing key says no more than its start
-        raise SystemExit(f"error: the weights in {source} do not fit the base {path} ({why}); "
-                         + base_hint(path, saved.base))
-    return source
+            config, tensors = read_moelora_file(adapter)
+            return adapter, {**tensors, "moelora_config": asdict(config)}
+        return saved.checkpoint, read_checkpoint(saved.checkpoint, mmap=True)["weights"]
+    except (ValueError, KeyError) as e:
+        raise SystemExit(weights_do_not_fit(e, adapter, path, saved))
+
+
+def weights_do_not_fit(e: Exception, source: Path, path, saved: SavedRun) -> str:
+    why = str(e).splitlines()[0]
+    why = why if len(why) < 300 else why[:300] + "..."  # a list of every missing key says no more than its start
+    return f"error: the weights in {source} do not fit the base {path} ({why}); " + base_hint(path, saved.base)
 
 
 def check_base(then: dict, now: dict, checkpoint: Path, path, trained_on):

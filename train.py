@@ -280,9 +280,6 @@ def fsdp_problems(args, world_size: int) -> list:
     if args.dtype == "fp16" or (args.dtype == "auto" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()):
         problems.append("--fsdp with fp16: its gradient scaler would need the gradients' overflow agreed over the "
                         "processes, which is not built here; use --dtype bf16 (or fp32) with --fsdp")
-    if args.eval_only:
-        problems.append("--eval_only with --fsdp is not built: grading at the end of an --fsdp run is sharded; a saved "
-                        "run is graded by --eval_only without --fsdp (one process, or DDP under torchrun)")
     return problems
 
 
@@ -396,7 +393,7 @@ def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> t
         if run.world_size > 1:
             dist.barrier()  # the other processes wait for rank 0 to build the tiny base
     if args.eval_only and saved is not None and saved.step is not None:  # a trained run, graded again
-        model, tok, saved = load_run(run.out_dir, run.precision, path)
+        model, tok, saved = load_run(run.out_dir, run.precision, path, sharded=args.fsdp)
         base, step = {**saved.fingerprint, "path": saved.base}, saved.step
     else:  # --resume loads its checkpoint into the fresh adapters when training starts
         # DDP starts every process from rank 0's adapters; FSDP shards the whole ones, drawn with rank 0's seed
