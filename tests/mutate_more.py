@@ -1,5 +1,6 @@
 """The mutations of ../shared/tools/mutate_moelora.py whose text the batched losses rewrote, in today's words, and
-those of the behaviour that came with them; then the promises a run keeps about a user's work (runs.py, train.py).
+those of the behaviour that came with them; then the promises a run keeps about a user's work (runs.py, train.py)
+and about its gradients under --fsdp.
 Each one breaks a file in a copy of the project and runs its tests; a mutation that no test notices survives.
 Run from the project's root (with MOELORA_SHARED set, as tests/README.md says):
 
@@ -27,7 +28,10 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
     ("the layer that drew the pairs does not draw again in a checkpointing rerun",
      "            if self._drew_pairs:\n                _draw_pairs(M, k, S, real, self.lora_A.device)\n", ""),
     ("the Gram matrices stacked in another order than the codes",
-     "widths = sorted({layer.out_features for layer in group})", "widths = sorted({layer.out_features for layer in group}, reverse=True)"),
+     "for width in sorted({i.B_all.shape[0] for i in inputs})", "for width in sorted({i.B_all.shape[0] for i in inputs}, reverse=True)"),
+    ("the aux losses read lora_B after the forward (FSDP holds only a shard of it then)",
+     "_gram(torch.stack([i.B_all for i in inputs if i.B_all.shape[0] == width]))",
+     "_experts_gram(torch.stack([g.lora_B for g in group if g.out_features == width]))"),
     ("padding's sampled pairs counted in the contrastive loss", "_stacked_masks([i.codes_real for i in inputs]))", "None)"),
     ("the router frozen by mark_only_moelora_as_trainable",  # 13, whose text _adapter_parameters rewrote
      '("lora_A", "lora_B", "router")', '("lora_A", "lora_B")'),
@@ -48,7 +52,8 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
      "F.linear(x, self.weight, self.bias) if self.base_layer is None else x.new_zeros(*x.shape[:-1], self.out_features)"),
 ]
 TESTS = ["tests/test_moelora.py", "tests/test_other_models.py", "tests/test_quantize.py"]
-RUN_TESTS = ["tests/test_train.py", "-k", "overwrite or run_json or resume_takes or validation_loss or another_config"]
+RUN_TESTS = ["tests/test_train.py", "tests/test_fsdp.py", "-k",
+             "overwrite or run_json or resume_takes or validation_loss or another_config or reduced_on"]
 RUN_MUTATIONS = [  # (file, what it breaks, text, replacement)
     ("runs.py", "--overwrite deletes the earlier run instead of moving it",
      "os.replace(f, aside / f.name)", "shutil.rmtree(f) if f.is_dir() else f.unlink()"),
@@ -60,6 +65,8 @@ RUN_MUTATIONS = [  # (file, what it breaks, text, replacement)
     ("runs.py", "--resume takes nothing from the run", "        values[key] = theirs\n", "        pass\n"),
     ("runs.py", "--resume does not check the training data", "if args.resume and then[\"sha256\"] != now[\"sha256\"]:",
      "if False:"),
+    ("train.py", "gradients reduced over processes on every micro-batch", "model.set_requires_gradient_sync(sync)",
+     "model.set_requires_gradient_sync(True)"),
     ("runs.py", "a saved run opens on another base unchecked",
      "        check_base(saved.fingerprint, fingerprint, saved.checkpoint, path, saved.base)\n", ""),
 ]

@@ -178,3 +178,33 @@ def test_what_fsdp_refuses(tmp_path, monkeypatch):
     for flags, message in refused.items():
         with pytest.raises(SystemExit, match="^error: .*" + message.replace("(", r"\(").replace("+", r"\+")):
             train.parse_args(args + ["--batch_size", "4", "--micro_batch_size", "2", *flags])
+
+
+def test_gradients_are_reduced_on_a_step_s_last_micro_batch_only(tmp_path):
+    # FSDP2 reduces and scatters the gradients after every backward unless told not to: accumulation must tell it so
+    # on every micro-batch but the last (here one process: a process group of its own, in this process)
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from data.training import TrainSet
+    from fsdp import shard_model
+    from model import ModelArgs, Transformer
+    from moelora import MoELoRAConfig, inject_moelora, mark_only_moelora_as_trainable
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = Transformer(ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=32, multiple_of=8, max_seq_len=16))
+        mark_only_moelora_as_trainable(inject_moelora(model, MoELoRAConfig(num_experts=2, r=2)))
+        shard_model(model, torch.float32)
+        flags = []
+        set_sync = model.set_requires_gradient_sync
+        model.set_requires_gradient_sync = lambda sync: (flags.append(sync), set_sync(sync))
+        pairs = [([1, 2, 3, 4], [-100, 2, 3, 4])] * 3
+        run = runs.Run(0, 1, runs.Precision("cpu", torch.float32), torch.amp.GradScaler("cpu", enabled=False), tmp_path,
+                       sharded=True)
+        args = SimpleNamespace(method="moelora", contrastive_warmup=0)
+        train.forward_backward(run, args, model, model, TrainSet(pairs, [0, 0, 0], ["x"]), [[0], [1], [2]], 0, 0)
+        assert flags == [False, False, True]
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
