@@ -128,16 +128,20 @@ def optimizer_state_to_shards(optimizer, sd: dict) -> dict:
     """A whole optimizer state (whole_optimizer_state's, or a one-process run's) with each moment sharded as its
     parameter is, for optimizer.load_state_dict."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {**sd, "state": {i: {k: shard_like(params[i], v) if isinstance(params[i], DTensor) and torch.is_tensor(v) and v.dim() else v
-                                for k, v in s.items()} for i, s in sd["state"].items()}}
+
+    def sharded(i: int, value):  # exp_avg and exp_avg_sq have the parameter's shape; step is a 0-dim tensor
+        return shard_like(params[i], value) if isinstance(params[i], DTensor) and value.dim() else value
+    return {**sd, "state": {i: {k: sharded(i, v) for k, v in s.items()} for i, s in sd["state"].items()}}
 
 
 def first_rows(weight, n: int) -> torch.Tensor:
     """weight[:n], whole: of a sharded weight, rank 0 holds the first rows (n at most its share), and sends them."""
     if not isinstance(weight, DTensor):
         return weight[:n]
-    rows = weight.to_local()[:n].contiguous() if dist.get_rank() == 0 else \
-        torch.empty(n, *weight.shape[1:], dtype=weight.dtype, device=weight.to_local().device)
+    local = weight.to_local()
+    assert n <= -(-weight.shape[0] // weight.device_mesh.size()), f"rank 0 holds fewer than {n} rows"
+    rows = local[:n].contiguous() if dist.get_rank() == 0 else torch.empty(n, *local.shape[1:], dtype=local.dtype,
+                                                                           device=local.device)
     dist.broadcast(rows, src=0)
     return rows
 
@@ -157,8 +161,11 @@ def in_lockstep(model, sharded: bool, device):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
+    def busy_before_each_forward(module, inputs):
+        anyone_busy(True)
+
     # before FSDP's own pre-forward hook (prepend), which gathers the root's weights: the all_reduce comes first
-    hook = model.register_forward_pre_hook(lambda module, inputs: anyone_busy(True) and None, prepend=True)
+    hook = model.register_forward_pre_hook(busy_before_each_forward, prepend=True)
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ opened again.
                                                               every process's RNG state, step, settings, and a
                                                               fingerprint of the base; adapter.safetensors beside it
     catch_stop_signals, stop_requested                        stop after the step, saved
+    one_line_if_a_collective_fails                            a process that died or hangs, said in one line
 """
 import contextlib
 import hashlib
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -678,6 +680,21 @@ def resume_from_checkpoint(run: Run, args, raw_model, optimizer, base: dict) -> 
         os.replace(tmp, log)
     run.log(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+@contextlib.contextmanager
+def one_line_if_a_collective_fails(run: Run, timeout_minutes: float):
+    """Under torchrun, a collective that fails (a process died, or has not answered for timeout_minutes: the process
+    group's timeout) ends this process with one line that says so and where the last checkpoint is."""
+    try:
+        yield
+    except RuntimeError as e:
+        if run.world_size == 1 or not (isinstance(e, dist.DistBackendError) or "gloo" in str(e)):
+            raise
+        why = re.sub(r"^\[[^]]*\] *", "", str(e).splitlines()[0])  # gloo's begins with its source file: [.../pair.cc:553]
+        raise SystemExit(f"error: process {run.rank} of {run.world_size}: a collective failed ({why}): another process "
+                         f"died, or has not answered for --dist_timeout {timeout_minutes} minutes; its log says why. The "
+                         f"last checkpoint is {run.out_dir / 'ckpt.pt'}: continue with --resume")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what SLURM and Kubernetes send before a kill; Ctrl-C

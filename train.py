@@ -46,7 +46,8 @@ from model import Transformer
 from moelora import (GATES, MoELoRAConfig, moelora_aux_losses, moelora_config, moelora_routing_stats,
                      moelora_token_mask)
 from runs import (Run, all_reduce_sum, base_fingerprint, best_val_loss, catch_stop_signals, check_against_the_run,
-                  check_out_dir, default_device, keep_best, keep_checkpoint, load_run, new_model, open_run, plot_curves,
+                  check_out_dir, default_device, keep_best, keep_checkpoint, load_run, new_model,
+                  one_line_if_a_collective_fails, open_run, plot_curves,
                   prepare_out_dir, resume_from_checkpoint, run_info, save_checkpoint, settings_from_run,
                   setup_distributed, setup_precision, stop_requested)
 from tiny_base import TINY_MODEL, build_tiny_base, tiny_base_cache, tiny_base_dir
@@ -315,34 +316,34 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(args.device, args.fsdp, args.dist_timeout)
     precision = setup_precision(args.dtype, device)
     run = Run(rank, world_size, precision, precision.grad_scaler(), Path(args.out_dir), sharded=args.fsdp)
-    check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
-    for note in args.notes:
-        run.log(note)
-    run.log(f"preset {args.preset} ({args.preset_why}; --preset chooses): "
-            + ", ".join(f"{k} {getattr(args, k)}" for k in PRESETS[args.preset]))
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed + rank)
+    with one_line_if_a_collective_fails(run, args.dist_timeout):  # a process that died or hangs
+        check_out_dir(args, run)  # out_dir changes only in prepare_out_dir, once every check below has passed
+        for note in args.notes:
+            run.log(note)
+        run.log(f"preset {args.preset} ({args.preset_why}; --preset chooses): "
+                + ", ".join(f"{k} {getattr(args, k)}" for k in PRESETS[args.preset]))
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed + rank)
 
-    data_dir = find_data_dir(args.data_dir)
-    tests, missing, graded_as = load_tests(args, run.log, data_dir)
-    train_examples = [] if args.eval_only else load_training_examples(args, run.log, data_dir, tests)
-    if args.eval_limit:
-        tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
-    model, tok, base, step = load_model(args, run, data_dir, train_examples, tests)
-    raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
+        data_dir = find_data_dir(args.data_dir)
+        tests, missing, graded_as = load_tests(args, run.log, data_dir)
+        train_examples = [] if args.eval_only else load_training_examples(args, run.log, data_dir, tests)
+        if args.eval_limit:
+            tests = {task: examples[:args.eval_limit] for task, examples in tests.items()}
+        model, tok, base, step = load_model(args, run, data_dir, train_examples, tests)
+        raw_model = model  # what is saved and evaluated; `model` may become a DDP / compiled wrapper
 
-    train_set = val_set = None
-    if not args.eval_only:
-        train_examples, val_examples = hold_out(args, run.log, train_examples)
-        max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
-        train_set = tokenize_train_set(args, run.log, tok, train_examples, max_seq_len)
-        val_set = tokenize_dataset(tok, val_examples, max_seq_len, args.prompt_format)[0] if val_examples else None
-    info = run_info(args, run, base, train_examples, tests)
-    check_against_the_run(args, run, info)
-    prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
+        train_set = val_set = None
+        if not args.eval_only:
+            train_examples, val_examples = hold_out(args, run.log, train_examples)
+            max_seq_len = min(args.max_seq_len, model.args.max_seq_len)
+            train_set = tokenize_train_set(args, run.log, tok, train_examples, max_seq_len)
+            val_set = tokenize_dataset(tok, val_examples, max_seq_len, args.prompt_format)[0] if val_examples else None
+        info = run_info(args, run, base, train_examples, tests)
+        check_against_the_run(args, run, info)
+        prepare_out_dir(args, run, info)  # every check has passed: only now may an earlier run move aside
 
-    try:  # every collective from here on: a process that died or hangs is one line, not a traceback
         if not args.eval_only:
             if args.compile:
                 model = torch.compile(model)
@@ -364,14 +365,7 @@ def main(argv=None):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-    except RuntimeError as e:
-        if world_size == 1 or not (isinstance(e, dist.DistBackendError) or "gloo" in str(e)):
-            raise
-        why = re.sub(r"^\[[^]]*\] *", "", str(e).splitlines()[0])  # gloo's begins with its source file: [.../pair.cc:553]
-        raise SystemExit(f"error: process {rank} of {world_size}: a collective failed ({why}): "
-                         f"another process died, or has not answered for --dist_timeout {args.dist_timeout} minutes; "
-                         f"its log says why. The last checkpoint is {run.out_dir / 'ckpt.pt'}: continue with --resume")
-    return results if len(results) > 1 else next(iter(results.values()))
+        return results if len(results) > 1 else next(iter(results.values()))
 
 
 def load_model(args, run: Run, data_dir, train_examples: list, tests: dict) -> tuple:
