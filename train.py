@@ -15,7 +15,8 @@ Three presets hold the defaults that depend on the model's size: tiny for a base
 Read top to bottom: the settings, main, the training loop (train -> forward_backward -> optimizer_step). Beside this
 file: evaluate.py grades (generation, answer extraction, the result files); runs.py is the plumbing that is not a
 loop (processes, precision, out_dir, the model of a new run or of a saved one, checkpoints that resume exactly, stop
-signals); data/training.py reads what a run trains on, and tiny_base.py builds the built-in base.
+signals); fsdp.py shards a base over torchrun's processes (--fsdp); data/training.py reads what a run trains on,
+and tiny_base.py builds the built-in base.
 """
 import argparse
 import contextlib
