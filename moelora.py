@@ -171,7 +171,7 @@ class MoELoRALinear(nn.Module):
         # cost of the LoRA of equal size. Gathering each token's k experts ([M, k, out, r]) was far slower
         h = F.linear(self.dropout(x2), self.lora_A.reshape(N * r, -1))  # [M, N*r] every expert's code A_i x
         h_gated = (h.view(-1, N, r) * gates.unsqueeze(-1)).view(-1, N * r)  # [M, N*r]
-        B_all = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, N*r] the experts' B side by side
+        B_all = _side_by_side(self.lora_B)  # [out, N*r] the experts' B side by side
         delta = F.linear(h_gated, B_all)  # [M, out]
         self.last_logits, self.last_top_idx, self.last_real = logits.detach(), top_idx, real
         if self.training and (cfg.balance_weight or cfg.router_z_weight or cfg.contrastive_weight):
@@ -208,7 +208,7 @@ class MoELoRALinear(nn.Module):
         cfg, (M, k) = self.config, top_idx.shape
         pick, token, token_real = _draw_pairs(M, k, min(cfg.contrastive_samples, M * k), real, h.device)
         labels = top_idx.reshape(-1)[pick]
-        dots = _contrastive_dots(h[token], labels, _experts_gram(self.lora_B), cfg.num_experts)
+        dots = _contrastive_dots(h[token], labels, _gram(_side_by_side(self.lora_B)), cfg.num_experts)
         return contrastive_loss(dots, labels, cfg.contrastive_temperature, COSINE_NORM_FLOOR, token_real)
 
     def extra_repr(self):
@@ -413,13 +413,14 @@ def _draw_pairs(M: int, k: int, S: int, real, device):
     return pick, token, None if real is None else real[token]
 
 
-def _experts_gram(lora_B):
-    """lora_B [..., N, out, r] -> B_all^T B_all [..., N*r, N*r], B_all [out, N*r] the B side by side."""
-    return _gram(lora_B.transpose(-3, -2).flatten(-2))  # B_all [..., out, N*r]
+def _side_by_side(lora_B):
+    """lora_B [..., N, out, r] -> B_all [..., out, N*r], the experts' B side by side (a copy)."""
+    return lora_B.transpose(-3, -2).flatten(-2)
 
 
 def _gram(B_all):
-    return B_all.transpose(-2, -1) @ B_all  # [..., N*r, N*r]
+    """B_all [..., out, N*r] -> B_all^T B_all [..., N*r, N*r]."""
+    return B_all.transpose(-2, -1) @ B_all
 
 
 def _contrastive_dots(codes, labels, gram, N: int):

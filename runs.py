@@ -112,7 +112,7 @@ def setup_distributed(device=None, sharded: bool = False, timeout_minutes: float
     """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise (nanoGPT's way),
     on --device (default_device). Each process of torchrun takes the GPU of its local rank. sharded (--fsdp): a process
     group even for one process, which FSDP needs. A collective that waits longer than timeout_minutes for another
-    process fails (collective_failed says so), rather than wait for ever on one that died or hangs."""
+    process fails (one_line_if_a_collective_fails says so), rather than wait for ever on one that died or hangs."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not sharded:
         return 0, 1, default_device(device)
     cuda = torch.cuda.is_available() and (device or "cuda").startswith("cuda")

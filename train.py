@@ -252,7 +252,7 @@ def check_args(args, base, world_size: int):
         problems.append(f"--eval_kind {args.eval_kind} grades an --eval_file: give one, or leave out --eval_kind")
     if args.quantize != "none" and args.method == "full":
         problems.append(f"--quantize {args.quantize} freezes the base: it trains adapters, not --method full")
-    problems += fsdp_problems(args, world_size) if args.fsdp else []
+    problems += fsdp_problems(args) if args.fsdp else []
     if args.dist_timeout <= 0:
         problems.append(f"--dist_timeout {args.dist_timeout} must be > 0 (minutes)")
     if args.resume and args.overwrite:
@@ -264,7 +264,7 @@ def check_args(args, base, world_size: int):
         raise SystemExit("error: " + "; ".join(problems))
 
 
-def fsdp_problems(args, world_size: int) -> list:
+def fsdp_problems(args) -> list:
     """What --fsdp does not combine with, each with what to use instead."""
     problems = []
     if "LOCAL_RANK" not in os.environ:

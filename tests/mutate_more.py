@@ -31,7 +31,7 @@ MUTATIONS = [  # (what it breaks, text in moelora.py, replacement)
      "for width in sorted({i.B_all.shape[0] for i in inputs})", "for width in sorted({i.B_all.shape[0] for i in inputs}, reverse=True)"),
     ("the aux losses read lora_B after the forward (FSDP holds only a shard of it then)",
      "_gram(torch.stack([i.B_all for i in inputs if i.B_all.shape[0] == width]))",
-     "_experts_gram(torch.stack([g.lora_B for g in group if g.out_features == width]))"),
+     "_gram(_side_by_side(torch.stack([g.lora_B for g in group if g.out_features == width])))"),
     ("padding's sampled pairs counted in the contrastive loss", "_stacked_masks([i.codes_real for i in inputs]))", "None)"),
     ("the router frozen by mark_only_moelora_as_trainable",  # 13, whose text _adapter_parameters rewrote
      '("lora_A", "lora_B", "router")', '("lora_A", "lora_B")'),

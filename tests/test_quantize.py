@@ -55,15 +55,11 @@ def test_round_trip_within_half_a_scale_per_group_padded_last_group_included():
     assert torch.equal(q, q2) and torch.equal(scales, scales2)
 
 
-def test_int8_linear_forward_and_input_gradient_are_those_of_the_dequantised_weight():
-    torch.manual_seed(0)
-    linear = nn.Linear(172, 24, bias=True)
-    layer = Int8Linear.from_linear(linear)
-    assert (layer.in_features, layer.out_features, layer.weight.shape, layer.scales.shape) == (172, 24, (24, 192), (24, 3))
-    assert not any(p.requires_grad for p in layer.parameters()) and layer.weight.dtype == torch.int8
-    w = layer.dequantized()  # [24, 172]
-    assert (w - linear.weight).abs().max() < linear.weight.abs().max() / 127  # close to the original weight
-    x = torch.randn(3, 5, 172, requires_grad=True)
+def assert_acts_as_its_dequantised_weight(layer, linear):
+    """layer's output and input gradient are those of F.linear with its dequantised weight (and linear's bias); the
+    packed weight and scales get no gradient."""
+    w = layer.dequantized()  # [out, in]
+    x = torch.randn(3, 5, linear.in_features, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     y = layer(x)
     torch.testing.assert_close(y, F.linear(x_ref, w, linear.bias.detach()))
@@ -72,6 +68,17 @@ def test_int8_linear_forward_and_input_gradient_are_those_of_the_dequantised_wei
     F.linear(x_ref, w, linear.bias.detach()).backward(grad_y)
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert layer.weight.grad is None and layer.scales.grad is None
+
+
+def test_int8_linear_forward_and_input_gradient_are_those_of_the_dequantised_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(172, 24, bias=True)
+    layer = Int8Linear.from_linear(linear)
+    assert (layer.in_features, layer.out_features, layer.weight.shape, layer.scales.shape) == (172, 24, (24, 192), (24, 3))
+    assert not any(p.requires_grad for p in layer.parameters()) and layer.weight.dtype == torch.int8
+    w = layer.dequantized()  # [24, 172]
+    assert (w - linear.weight).abs().max() < linear.weight.abs().max() / 127  # close to the original weight
+    assert_acts_as_its_dequantised_weight(layer, linear)
 
 
 def saved_for_backward(fn):
@@ -372,15 +379,7 @@ def test_nf4_linear_forward_and_input_gradient_are_those_of_the_dequantised_weig
     w = layer.dequantized()  # [24, 172]
     # close to the original weight: within 0.152 of each block's absmax, so of the whole weight's
     assert (w - linear.weight).abs().max() < 0.152 * linear.weight.abs().max()
-    x = torch.randn(3, 5, 172, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    torch.testing.assert_close(y, F.linear(x_ref, w, linear.bias.detach()))
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    F.linear(x_ref, w, linear.bias.detach()).backward(grad_y)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    assert layer.weight.grad is None and layer.scales.grad is None
+    assert_acts_as_its_dequantised_weight(layer, linear)
     # an NF4Linear not yet filled computes 0, as an Int8Linear's zeros do
     assert (NF4Linear(172, 24).dequantized() == 0).all()
 
