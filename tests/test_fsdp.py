@@ -31,6 +31,18 @@ def torchrun(*args):
     return run_script(["--standalone", "--nproc_per_node=2", "train.py", *args], module="torch.distributed.run")
 
 
+def start_torchrun(out_dir, *args, steps: int):
+    """torchrun of train.py in the background (in a session of its own), once out_dir's log has `steps` records."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *small_run(out_dir, *args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log, deadline = out_dir / "metrics.jsonl", time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < steps) and time.time() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def logged(out_dir, key="loss"):
     return {r["step"]: r[key] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if key in r}
 
@@ -92,15 +104,8 @@ def test_sigterm_stops_every_process_saved_and_resume_is_exact(tmp_path):
               "--fsdp")
     straight = torchrun(*small_run(tmp_path / "straight", *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *small_run(tmp_path / "split", *common)]
-    # what Kubernetes does: SIGTERM to the job's first process, torchrun, which passes it on to its workers
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, deadline = tmp_path / "split" / "metrics.jsonl", time.time() + 120
-        while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
-            time.sleep(0.05)
+    proc = start_torchrun(tmp_path / "split", *common, steps=3)
+    try:  # what Kubernetes does: SIGTERM to the job's first process, torchrun, which passes it on to its workers
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -131,14 +136,8 @@ def worker_pids(parent: int) -> dict:
 @pytest.mark.slow
 def test_a_process_that_hangs_stops_the_others_with_one_line(tmp_path):
     # rank 1 stopped (SIGSTOP: alive but silent, as a process stuck in a driver is): rank 0 must not wait for ever
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *small_run(tmp_path, *COMMON, "--max_steps", "1000", "--fsdp", "--dist_timeout", "0.1")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_torchrun(tmp_path, *COMMON, "--max_steps", "1000", "--fsdp", "--dist_timeout", "0.1", steps=2)
     try:
-        log, deadline = tmp_path / "metrics.jsonl", time.time() + 120
-        while (not log.exists() or len(log.read_text().splitlines()) < 2) and time.time() < deadline:
-            time.sleep(0.05)
         workers = worker_pids(proc.pid)
         os.kill(workers[1], signal.SIGSTOP)
         start = time.time()
