@@ -20,6 +20,7 @@ and tiny_base.py builds the built-in base.
 """
 import argparse
 import contextlib
+import gc
 import math
 import os
 import random
@@ -364,6 +365,10 @@ def main(argv=None):
                   "code": info["code"]}
         results = grade(args, run, raw_model, tok, tests, missing, graded_as, record)
         if dist.is_initialized():
+            # DDP's and FSDP's hooks keep collectives' work objects in reference cycles: freed here, while the process
+            # group lives, not by the interpreter's last collection at exit (where gloo's threads can abort it)
+            del model, raw_model
+            gc.collect()
             dist.barrier()
             dist.destroy_process_group()
         return results if len(results) > 1 else next(iter(results.values()))
